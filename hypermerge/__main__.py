@@ -1,0 +1,3 @@
+from hypermerge.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Atomic output directories: every command writes into a temporary sibling and renames it at
+the end, so a crash, a kill or an error never leaves a partial output."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from hypermerge.errors import CheckpointError, HypermergeError, OutputExistsError
+
+_TMP_MARK = ".hm-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove temporary siblings left behind by killed runs (their process is gone)."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        if _TMP_MARK not in entry.name:
+            continue
+        try:
+            pid = int(entry.name.split(_TMP_MARK, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``out`` only if the block succeeds.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            "output already exists", path=out, hint="choose another --out or pass --overwrite"
+        )
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HypermergeError(f"cannot create the output's parent ({exc.strerror})", path=parent,
+                              hint="choose a writable location") from exc
+    clean_stale_temporaries(parent)
+    tmp = parent / f"{out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise HypermergeError(f"cannot write the output ({exc.strerror})", path=parent,
+                              hint="choose a writable location") from exc
+    try:
+        yield tmp
+        if out.exists():
+            trash = parent / f"{out.name}{_TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise HypermergeError(f"ran out of space writing the output ({exc.strerror})", path=out,
+                                  hint="free disk space or write elsewhere") from exc
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise HypermergeError(f"cannot write the output ({exc.strerror})", path=out,
+                                  hint="check permissions or write elsewhere") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """Return ``path`` as a Path, or raise a CheckpointError naming what was expected there."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} not found", path=path, hint="check the path")
+    if not path.is_dir():
+        raise CheckpointError(f"{what} must be a directory", path=path, hint="pass the directory that holds it")
+    return path

@@ -1,0 +1,22 @@
+"""Adapter methods, the protocol they share, and their checkpoints."""
+
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.checkpoint import AdapterCheckpoint, load_adapter, read_adapter, save_adapter
+from hypermerge.adapters.hyperadapt import HyperAdapt, HyperAdaptConfig
+from hypermerge.adapters.lora import LoRA, LoRAConfig
+from hypermerge.adapters.model import (
+    adapter_layers,
+    allocate_ranks,
+    fold_model,
+    inject,
+    rank_pattern,
+    regularization_loss,
+    trainable_parameters,
+)
+from hypermerge.adapters.registry import METHODS, get_method
+
+__all__ = [
+    "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "HyperAdapt", "HyperAdaptConfig",
+    "LoRA", "LoRAConfig", "METHODS", "adapter_layers", "allocate_ranks", "fold_model", "get_method", "inject",
+    "load_adapter", "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters",
+]

@@ -1,0 +1,311 @@
+"""Adapter checkpoints: the contract between ``train`` and ``fold``.
+
+A checkpoint is a directory with two files:
+
+* ``adapter_config.json``: format and version, the method and its config, the base model's
+  path, a fingerprint (shape and dtype) of every targeted base weight, the target names, which
+  of them are stored transposed (GPT-2 ``Conv1D``), and method metadata such as ``rank_pattern``;
+* ``adapter_model.safetensors``: tensors keyed ``<base weight name>::<method>.<param>``
+  (``model.layers.0.self_attn.q_proj.weight::hyperadapt.a``), ``<tensor name>::full`` for
+  modules trained in full, and ``<method>::<name>`` for state shared across layers.
+
+Fold needs no model code: it maps the names onto the base checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hypermerge._fs import atomic_output_dir
+from hypermerge._version import __version__
+from hypermerge.adapters.base import AdapterConfig, AdapterMethod
+from hypermerge.adapters.model import adapter_state, inject
+from hypermerge.adapters.registry import get_method
+from hypermerge.adapters.targets import match_suffix
+from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, HypermergeError
+
+FORMAT = "hypermerge-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+FULL_SUFFIX = "::full"
+# Keys of the trained model's config that a fold writes into the folded config.json (a new
+# classification head changes the architecture and label names).
+CONFIG_OVERRIDE_KEYS = ("architectures", "id2label", "label2id", "problem_type")
+
+
+@dataclasses.dataclass
+class AdapterCheckpoint:
+    """An adapter checkpoint read from disk; tensors are loaded on first use."""
+
+    path: Path
+    method: type[AdapterMethod]
+    config: AdapterConfig
+    base_model: str | None
+    base_fingerprint: dict[str, tuple[tuple[int, ...], str]]
+    targets: list[str]
+    fan_in_fan_out: set[str]
+    metadata: dict[str, Any]
+    _tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = read_safetensors(self.weights_path, what="adapter weights")
+        return self._tensors
+
+    def layer_params(self, weight_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapted weight, keyed by short name (``"a"``, ``"lora_A"``)."""
+        prefix = f"{weight_name}::{self.method.name}."
+        return {k[len(prefix):]: v for k, v in self.tensors().items() if k.startswith(prefix)}
+
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors of modules trained in full, keyed by their name in the trained model."""
+        return {k[: -len(FULL_SUFFIX)]: v for k, v in self.tensors().items() if k.endswith(FULL_SUFFIX)}
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        prefix = f"{self.method.name}::"
+        return {k: v for k, v in self.tensors().items() if k.startswith(prefix)}
+
+    @property
+    def config_overrides(self) -> dict[str, Any]:
+        return dict(self.metadata.get("config_overrides") or {})
+
+    @property
+    def rank_pattern(self) -> dict[str, int] | None:
+        return self.metadata.get("rank_pattern")
+
+    def trainable_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+
+def read_safetensors(path: Path, *, what: str) -> dict[str, torch.Tensor]:
+    """Load a whole safetensors file, turning every failure into a CheckpointError."""
+    if not path.exists():
+        raise CheckpointError(f"{what} not found", path=path, hint="check the directory, or re-save the adapter")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{what} are not a readable safetensors file ({exc})", path=path,
+                              hint="the file is truncated or of another format; re-save it") from exc
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[list[int], str]:
+    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
+
+
+def _config_overrides(model: nn.Module, base_model: str | Path | None) -> dict[str, Any]:
+    if base_model is None or not hasattr(model, "config"):
+        return {}
+    base_config_path = Path(base_model) / "config.json"
+    try:
+        base_config = json.loads(base_config_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    model_config = model.config.to_dict()
+    return {k: model_config[k] for k in CONFIG_OVERRIDE_KEYS
+            if k in model_config and model_config[k] != base_config.get(k)}
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model: str | Path | None = None, *,
+                 overwrite: bool = True) -> Path:
+    """Write the adapter of ``model`` as a checkpoint directory (atomically).
+
+    Args:
+        model: a model with an adapter (``hm.inject`` or ``hm.load_adapter``).
+        path: the directory to write.
+        base_model: the base model directory the adapter applies to; recorded so that
+            ``hypermerge fold`` can find it, and used to record config changes (a new head).
+        overwrite: replace an existing directory (the default, like ``save_pretrained``).
+
+    Returns:
+        The checkpoint directory.
+    """
+    state = adapter_state(model)
+    method = state.method
+    tensors: dict[str, torch.Tensor] = {}
+    fingerprint = {}
+    fan_in_fan_out = []
+    for weight_name, layer in state.layers.items():
+        fingerprint[weight_name] = _fingerprint(layer.base_layer.weight)
+        if layer.fan_in_fan_out:
+            fan_in_fan_out.append(weight_name)
+        for key, value in layer.adapter_tensors().items():
+            tensors[f"{weight_name}::{method.name}.{key}"] = value
+    for module_name in state.saved_modules:
+        for param_name, param in model.get_submodule(module_name).named_parameters():
+            tensors[f"{module_name}.{param_name}{FULL_SUFFIX}"] = param
+    tensors.update(method.model_tensors(model))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"adapter tensor {key} holds NaN or Inf", path=path,
+                                  hint="training diverged; lower the learning rate or resume from an earlier checkpoint")
+
+    metadata = method.checkpoint_metadata(model, state.layers)
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hypermerge_version": __version__,
+        "method": method.name,
+        "base_model": str(Path(base_model).absolute()) if base_model is not None else None,
+        "base_fingerprint": fingerprint,
+        "targets": list(state.layers),
+        "fan_in_fan_out": fan_in_fan_out,
+        "config": state.config.to_dict(),
+        "config_overrides": _config_overrides(model, base_model),
+        "trainable_parameters": sum(t.numel() for t in tensors.values()),
+        **metadata,
+    }
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return Path(path)
+
+
+def read_adapter(path: str | Path) -> AdapterCheckpoint:
+    """Read and validate an adapter checkpoint directory (tensors are loaded lazily).
+
+    Raises:
+        CheckpointError: missing, unreadable, pickle-only, or of an unknown format/version.
+        ConfigError: the method is unknown or its config invalid.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("adapter directory not found", path=path, hint="check the --adapter path")
+    if not path.is_dir():
+        raise CheckpointError("an adapter must be a directory", path=path,
+                              hint=f"pass the directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config_path = path / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"no {CONFIG_FILE} in the adapter directory", path=path,
+                              hint="pass a directory written by hm.save_adapter or PEFT's save_pretrained")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{CONFIG_FILE} is not valid JSON ({exc})", path=config_path,
+                              hint="the file is damaged; re-save the adapter") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object", path=config_path)
+    if "peft_type" in raw:
+        from hypermerge.adapters.peft_import import read_peft_adapter
+
+        return read_peft_adapter(path, raw)
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{CONFIG_FILE} is not a hypermerge adapter config (format {raw.get('format')!r})",
+                              path=config_path, hint="pass a directory written by hm.save_adapter")
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"adapter format version {raw['format_version']} is newer than this hypermerge "
+                              f"reads ({FORMAT_VERSION})", path=config_path, hint="upgrade hypermerge")
+    _refuse_pickle(path)
+    try:
+        method = get_method(raw.get("method", "<missing>"))
+        config = method.config_cls.from_dict(raw.get("config") or {})
+    except ConfigError as exc:
+        raise ConfigError(exc.what, path=config_path, hint=exc.hint) from None
+    try:
+        fingerprint = {k: (tuple(v[0]), str(v[1])) for k, v in raw["base_fingerprint"].items()}
+        targets = list(raw["targets"])
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"{CONFIG_FILE} lacks a valid {exc} entry", path=config_path,
+                              hint="re-save the adapter with hm.save_adapter") from None
+    known = {"format", "format_version", "hypermerge_version", "method", "base_model", "base_fingerprint",
+             "targets", "fan_in_fan_out", "config"}
+    return AdapterCheckpoint(
+        path=path,
+        method=method,
+        config=config,
+        base_model=raw.get("base_model"),
+        base_fingerprint=fingerprint,
+        targets=targets,
+        fan_in_fan_out=set(raw.get("fan_in_fan_out") or []),
+        metadata={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _refuse_pickle(path: Path) -> None:
+    if (path / WEIGHTS_FILE).exists():
+        return
+    for name in PICKLE_FILES:
+        if (path / name).exists():
+            raise CheckpointError(f"{name} is a pickle checkpoint, which hypermerge refuses to load "
+                                  "(unpickling runs arbitrary code)", path=path / name,
+                                  hint=f"convert it to {WEIGHTS_FILE} with safetensors.torch.save_file")
+    raise CheckpointError(f"no {WEIGHTS_FILE} in the adapter directory", path=path,
+                          hint="the checkpoint is incomplete; re-save it")
+
+
+def _resolve(names: list[str], available: list[str], *, what: str, path: Path) -> dict[str, str]:
+    resolved, missing = {}, []
+    for name in names:
+        match = match_suffix(name, available)
+        if match is None:
+            missing.append(name)
+        else:
+            resolved[name] = match
+    if missing:
+        raise AdapterMismatchError(
+            f"{len(missing)} {what} of the adapter are not in the model (first: {missing[0]})",
+            path=path, hint="the adapter was made for another base model",
+        )
+    return resolved
+
+
+def check_fingerprint(checkpoint: AdapterCheckpoint, shapes: Mapping[str, tuple[int, ...]],
+                      resolved: Mapping[str, str], *, where: str) -> None:
+    """Raise AdapterMismatchError if a targeted weight's shape differs from the fingerprint."""
+    for name, (shape, _dtype) in checkpoint.base_fingerprint.items():
+        actual = shapes.get(resolved.get(name, name))
+        if actual is not None and tuple(actual) != tuple(shape):
+            raise AdapterMismatchError(
+                f"{name} has shape {tuple(actual)} in {where} but the adapter was made for {tuple(shape)}",
+                path=checkpoint.path, hint="fold onto the base model the adapter was trained on",
+            )
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Inject the adapter saved at ``path`` into ``model`` and load its tensors (in place).
+
+    Raises:
+        CheckpointError: the checkpoint is missing or damaged.
+        AdapterMismatchError: the adapter was made for another base (names or shapes differ).
+    """
+    checkpoint = read_adapter(path)
+    if not isinstance(checkpoint, AdapterCheckpoint):  # pragma: no cover - guarded by read_adapter
+        raise HypermergeError("unexpected checkpoint type")
+    params = dict(model.named_parameters())
+    weight_names = [n for n in params if n.endswith(".weight")]
+    resolved = _resolve(checkpoint.targets, weight_names, what="targeted weights", path=checkpoint.path)
+    check_fingerprint(checkpoint, {n: tuple(p.shape) for n, p in params.items()}, resolved, where="the model")
+    saved = {resolved[t]: checkpoint.layer_params(t) for t in checkpoint.targets}
+    module_names = [resolved[t].removesuffix(".weight") for t in checkpoint.targets]
+    inject(model, checkpoint.config, module_names=module_names, saved=saved)
+    state = adapter_state(model)
+    for weight_name, layer in state.layers.items():
+        layer.load_adapter_tensors(saved[weight_name])
+    full = checkpoint.full_tensors()
+    if full:
+        current = dict(model.named_parameters())
+        resolved_full = _resolve(list(full), list(current), what="fully trained tensors", path=checkpoint.path)
+        with torch.no_grad():
+            for name, tensor in full.items():
+                target = current[resolved_full[name]]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise AdapterMismatchError(f"{name} has shape {tuple(tensor.shape)}, the model needs "
+                                               f"{tuple(target.shape)}", path=checkpoint.path)
+                target.copy_(tensor)
+    state.method.load_model_tensors(model, checkpoint.model_tensors())
+    return model

@@ -1,0 +1,124 @@
+"""Reading and writing Hugging Face model directories: weight shards, their index, and the
+files (config, tokenizer, generation config, pooling configs) that travel with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hypermerge._fs import require_dir
+from hypermerge.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "tf_model.h5")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class BaseCheckpoint:
+    """The weights of a HF model directory: shard files and which tensor lives where."""
+
+    path: Path
+    shards: list[Path]
+    index: dict | None  # the parsed index file, None for a single-file checkpoint
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    shard_of: dict[str, Path]
+
+
+def _read_header(shard: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    try:
+        with safe_open(str(shard), framework="pt") as handle:
+            shapes, dtypes = {}, {}
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shapes[name] = tuple(view.get_shape())
+                dtypes[name] = view.get_dtype()
+            return shapes, dtypes
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"weights are not a readable safetensors file ({exc})", path=shard,
+                              hint="the file is truncated or of another format; re-save the model") from exc
+
+
+def open_base(path: str | Path) -> BaseCheckpoint:
+    """Find and check the safetensors weights of a model directory (headers only, no tensor data).
+
+    Raises:
+        CheckpointError: no safetensors weights (pickle ones are refused), a missing shard,
+            a damaged index or header.
+    """
+    path = require_dir(path, "base model directory")
+    index_path = path / INDEX_FILE
+    index = None
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+            shard_names = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{INDEX_FILE} is damaged ({exc})", path=index_path,
+                                  hint="re-save the model with save_pretrained") from exc
+        shards = [path / name for name in shard_names]
+        for shard in shards:
+            if not shard.exists():
+                raise CheckpointError("a weight shard listed in the index is missing", path=shard,
+                                      hint="the download or copy is incomplete; copy the model again")
+    elif (path / SINGLE_FILE).exists():
+        shards = [path / SINGLE_FILE]
+    else:
+        pickled = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
+        if pickled:
+            raise CheckpointError(f"the model has only pickle weights ({pickled[0]}), which hypermerge refuses "
+                                  "to load (unpickling runs arbitrary code)", path=path / pickled[0],
+                                  hint="re-save it with save_pretrained(safe_serialization=True)")
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", path=path,
+                              hint="pass a Hugging Face model directory with safetensors weights")
+    shapes, dtypes, shard_of = {}, {}, {}
+    for shard in shards:
+        shard_shapes, shard_dtypes = _read_header(shard)
+        shapes.update(shard_shapes)
+        dtypes.update(shard_dtypes)
+        shard_of.update({name: shard for name in shard_shapes})
+    return BaseCheckpoint(path, shards, index, shapes, dtypes, shard_of)
+
+
+def is_weight_file(path: Path) -> bool:
+    name = path.name
+    return (name.endswith(".safetensors") or name == INDEX_FILE or name in PICKLE_WEIGHTS
+            or name.endswith(".bin") or name.endswith(".gguf"))
+
+
+def copy_model_files(source: Path, destination: Path) -> list[str]:
+    """Copy everything but weights (config, tokenizer, generation and pooling configs, READMEs).
+
+    Returns:
+        The names copied.
+    """
+    copied = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith(".") or "hm-tmp" in entry.name:
+            continue
+        if entry.is_dir():
+            if any(is_weight_file(p) for p in entry.rglob("*")):
+                continue
+            shutil.copytree(entry, destination / entry.name)
+            copied.append(entry.name + "/")
+        elif not is_weight_file(entry):
+            shutil.copy2(entry, destination / entry.name)
+            copied.append(entry.name)
+    return copied
+
+
+def update_config(path: Path, updates: dict) -> None:
+    """Merge ``updates`` into the config.json at ``path`` (if there is one)."""
+    config_path = path / "config.json"
+    if not config_path.exists() or not updates:
+        return
+    config = json.loads(config_path.read_text())
+    config.update(updates)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

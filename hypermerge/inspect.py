@@ -1,0 +1,44 @@
+"""A summary of an adapter checkpoint, for ``hypermerge inspect``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hypermerge.adapters.checkpoint import read_adapter
+from hypermerge.errors import HypermergeError
+from hypermerge.fold.hfdir import open_base
+
+
+def inspect_adapter(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """Describe an adapter: method, config, targets, trainable values and their ratio to the base.
+
+    Args:
+        path: the adapter checkpoint directory.
+        base: the base model directory (defaults to the recorded one; skipped if absent).
+    """
+    checkpoint = read_adapter(path)
+    trainable = checkpoint.trainable_parameters()
+    summary: dict[str, Any] = {
+        "path": str(checkpoint.path),
+        "method": checkpoint.method.name,
+        "config": checkpoint.config.to_dict(),
+        "base_model": checkpoint.base_model,
+        "targets": len(checkpoint.targets),
+        "target_suffixes": sorted({t.removesuffix(".weight").rsplit(".", 1)[-1] for t in checkpoint.targets}),
+        "trainable_parameters": trainable,
+    }
+    if checkpoint.rank_pattern:
+        summary["rank_pattern"] = checkpoint.rank_pattern
+    base = base or checkpoint.base_model
+    if base and Path(base).is_dir():
+        try:
+            base_checkpoint = open_base(base)
+        except HypermergeError:
+            base_checkpoint = None
+        if base_checkpoint is not None:
+            base_params = sum(math.prod(shape) for shape in base_checkpoint.shapes.values())
+            summary["base_parameters"] = base_params
+            summary["trainable_ratio"] = trainable / base_params if base_params else None
+    return summary
