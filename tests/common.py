@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -92,3 +93,15 @@ def perturb_adapter(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for running ``python -m hypermerge`` on this checkout's code in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
+    return env

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from common import load_tiny, perturb_adapter, save_tiny
+from common import load_tiny, perturb_adapter, save_tiny, subprocess_env
 
 import hypermerge as hm
 from hypermerge.cli import cli
@@ -162,8 +162,9 @@ def test_inspect_reports_counts(setup):
 def test_real_process_exit_code_and_debug(setup, tmp_path):
     command = [sys.executable, "-m", "hypermerge", "fold", "--adapter", str(tmp_path / "nope"),
                "--out", str(tmp_path / "o")]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
-    debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
+    debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True,
+                           env=subprocess_env())
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
