@@ -1,0 +1,1 @@
+"""Training: data sets, recipes and Trainer glue."""
