@@ -34,7 +34,12 @@ class DoRAConfig(LoRAConfig):
 
 
 def _combined(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W + s·B A`` for a weight in (out, in) layout."""
+    """``W + s·B A`` for a weight in (out, in) layout, as a fresh tensor.
+
+    Written out of place like PEFT's: for a transposed (Conv1D) weight the sum then takes the
+    weight's memory layout, which fixes the order of the row-norm reduction, and with it the
+    last bit of the norm.
+    """
     return weight + scaling * (lora_b @ lora_a)  # (out, r) @ (r, in)
 
 
@@ -69,7 +74,7 @@ class DoRA(AdapterMethod):
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:
         combined = _combined(weight, params["lora_A"], params["lora_B"], config.scaling)  # (out, in)
         norm = torch.linalg.norm(combined, dim=1)  # (out,)
-        return (params["magnitude"] / norm)[:, None] * combined
+        return combined.mul_((params["magnitude"] / norm)[:, None])
 
     @classmethod
     def create_layer(cls, base_layer, config, weight_name, saved=None):

@@ -147,8 +147,19 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, ordered, metadata if isinstance(metadata, dict) else None, data_start)
 
 
-def read_tensor(handle: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tensor:
-    """Read one tensor's bytes with positional reads into a fresh buffer (no mmap).
+def read_tensor(handle: BinaryIO, entry: TensorEntry, path: Path, buffer: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Read one tensor's bytes with positional reads (no mmap).
+
+    Args:
+        handle: the open file.
+        entry: where the tensor is.
+        path: the file's path, for messages.
+        buffer: a uint8 tensor of at least ``entry.nbytes`` to read into (the result is then a
+            view of it, valid until the buffer is reused); a fresh one when None.
+
+    Returns:
+        The tensor, with the entry's dtype and shape.
 
     Raises:
         CheckpointError: a read failed or came back short (the file changed or is damaged).
@@ -157,13 +168,15 @@ def read_tensor(handle: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tenso
     if dtype is None:
         raise CheckpointError(f"{entry.name} has dtype {entry.dtype}, which this version cannot compute with",
                               path=path, hint="fold onto a base saved in float32, float16 or bfloat16")
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    if buffer is None or buffer.numel() < entry.nbytes:
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    buffer = buffer[: entry.nbytes]
     view = memoryview(buffer.numpy())
     done = 0
     fd = handle.fileno()
     try:
         while done < entry.nbytes:
-            count = os.preadv(fd, [view[done: done + _MAX_IO]], entry.begin + done)
+            count = _pread_into(fd, handle, view[done: done + _MAX_IO], entry.begin + done)
             if count == 0:
                 raise CheckpointError(f"{entry.name}: the file ended early", path=path,
                                       hint="the file is truncated or was modified during the fold; copy it again")
@@ -172,6 +185,14 @@ def read_tensor(handle: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tenso
         raise CheckpointError(f"cannot read {entry.name} ({exc.strerror})", path=path,
                               hint="check the disk holding the base model") from exc
     return buffer.view(dtype).reshape(entry.shape)
+
+
+def _pread_into(fd: int, handle: BinaryIO, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset`` without moving the file position (where the OS can)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    handle.seek(offset)  # platforms without preadv (Windows): seek + readinto
+    return handle.readinto(view)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -207,16 +228,21 @@ def parse_size(text: str | int | None) -> int | None:
 
 @dataclasses.dataclass
 class OutputTensor:
-    """One tensor of an output shard: its name, output dtype and shape, and how to make it."""
+    """One tensor of an output shard: its name, output dtype and shape, and how to make it.
+
+    ``nbytes`` is computed from dtype and shape; give it explicitly only for a dtype this module
+    does not know (such a tensor can be copied byte for byte, nothing else).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     produce: Any  # engine-defined recipe; the writer only passes it back
+    nbytes: int = -1
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+    def __post_init__(self) -> None:
+        if self.nbytes < 0:
+            self.nbytes = math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def encode_header(tensors: Iterable[OutputTensor], metadata: Mapping[str, str] | None) -> bytes:
@@ -241,7 +267,7 @@ def encode_header(tensors: Iterable[OutputTensor], metadata: Mapping[str, str] |
 def layout_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
     """Order tensors as the safetensors library does (wider dtypes first, then by name), which
     keeps every tensor aligned to its element size."""
-    return sorted(tensors, key=lambda t: (-ITEMSIZE[t.dtype], t.name))
+    return sorted(tensors, key=lambda t: (-ITEMSIZE.get(t.dtype, 1), t.name))
 
 
 def write_error(exc: OSError, path: Path) -> HypermergeError:

@@ -85,7 +85,7 @@ def _fold_peak_kb(adapter, out) -> int:
 def two_sizes(tmp_path_factory):
     root = tmp_path_factory.mktemp("sizes")
     adapters = {}
-    for layers in (4, 8):
+    for layers in (4, 12):
         base = root / f"base{layers}"
         _llama(base, layers)
         model = hm.inject(transformers.LlamaForCausalLM.from_pretrained(base), hm.LoRAConfig(r=8, alpha=16))
@@ -98,17 +98,18 @@ def two_sizes(tmp_path_factory):
 def test_peak_memory_stays_flat_when_the_model_doubles(two_sizes):
     root, adapters = two_sizes
     sizes = {n: sum(p.stat().st_size for p in (root / f"base{n}").glob("*.safetensors")) for n in adapters}
-    assert sizes[8] - sizes[4] > 40e6  # 4 more layers: ~42 MB of float32 weights
+    extra = sizes[12] - sizes[4]
+    assert extra > 80e6  # 8 more layers: ~84 MB of float32 weights
     peaks = {n: _fold_peak_kb(adapter, root / f"out{n}") for n, adapter in adapters.items()}
-    growth = (peaks[8] - peaks[4]) * 1024
+    growth = (peaks[12] - peaks[4]) * 1024
     report = json.dumps({"model_bytes": sizes, "peak_rss_kb": peaks, "growth_bytes": growth})
-    # Holding a shard (or the model) would add the extra 42 MB; streaming adds at most a tensor's
-    # worth of allocator noise. 1/8 of the growth in model size is far below the former, far above the latter.
-    assert growth < (sizes[8] - sizes[4]) / 8, report
+    # Holding a shard (here the whole model) would add the extra 84 MB; streaming adds only the
+    # allocator's jitter (the heap's state differs by a few tensors of 2 MB from run to run).
+    assert growth < extra / 4, report
     # And above the bare interpreter (hypermerge and torch imported, nothing folded) the fold
-    # itself costs a fraction of the 92 MB model, which a load-merge-save would hold whole.
+    # itself costs a fraction of the 134 MB model, which a load-merge-save would hold whole.
     baseline = subprocess.run([sys.executable, "-c", "import hypermerge.cli, hypermerge.fold; "
                                "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"],
                               capture_output=True, text=True, env=subprocess_env(), check=True)
-    overhead = (peaks[8] - int(baseline.stdout)) * 1024
-    assert overhead < sizes[8] / 2, f"{report}, fold overhead {overhead} bytes"
+    overhead = (peaks[12] - int(baseline.stdout)) * 1024
+    assert overhead < sizes[12] / 2, f"{report}, fold overhead {overhead} bytes"

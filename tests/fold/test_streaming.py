@@ -201,3 +201,36 @@ def test_verify_reports_and_refuses(bases, tmp_path):
         hm.fold_checkpoint(tmp_path / "adapter", tmp_path / "bf16", progress=False, dtype="bfloat16", verify=True,
                            tolerance=1e-7)
     assert not (tmp_path / "bf16").exists() and not list(tmp_path.glob("*hm-tmp*"))
+
+
+def test_quantised_integer_and_unknown_dtypes_pass_through_a_cast(bases, tmp_path):
+    from hypermerge.fold.safetensors_io import OutputTensor, encode_header
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for entry in bases["llama"].iterdir():
+        if entry.name != "model.safetensors":
+            (base / entry.name).write_bytes(entry.read_bytes())
+    tensors = load_file(str(bases["llama"] / "model.safetensors"))
+    tensors["extra.fp8"] = torch.randn(4, 8).to(torch.float8_e4m3fn)
+    tensors["extra.int"] = torch.arange(6)
+    # A dtype this version does not know (a newer safetensors, say): 5 opaque bytes.
+    layout = [OutputTensor(n, {torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64"}[t.dtype],
+                           tuple(t.shape), t) for n, t in tensors.items()]
+    layout.append(OutputTensor("extra.future", "F3_FUTURE", (10,), None, nbytes=5))
+    with open(base / "model.safetensors", "wb") as handle:
+        handle.write(encode_header(layout, {"format": "pt"}))
+        for item in layout:
+            handle.write(b"\x01\x02\x03\x04\x05" if item.produce is None else
+                         item.produce.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    _adapter("llama", bases["llama"], "lora", tmp_path / "adapter")
+    hm.fold_checkpoint(tmp_path / "adapter", tmp_path / "out", base=base, progress=False, dtype="float16")
+    header = read_header(tmp_path / "out" / "model.safetensors")
+    raw = (tmp_path / "out" / "model.safetensors").read_bytes()
+    source = read_header(base / "model.safetensors")
+    source_raw = (base / "model.safetensors").read_bytes()
+    for name in ("extra.fp8", "extra.int", "extra.future"):
+        a, b = source.entries[name], header.entries[name]
+        assert a.dtype == b.dtype and raw[b.begin:b.end] == source_raw[a.begin:a.end], name
+    assert header.entries["model.layers.0.self_attn.q_proj.weight"].dtype == "F16"
+    assert header.entries["model.norm.weight"].dtype == "F16"
