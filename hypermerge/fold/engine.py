@@ -361,6 +361,8 @@ def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | 
     start = time.perf_counter()
     out_dtype = resolve_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
+    if tolerance is not None and not verify:
+        raise ConfigError("--tolerance applies to --verify only", hint="add --verify, or drop --tolerance")
     checkpoint = read_adapter(adapter)
     if base is None:
         if not checkpoint.base_model:

@@ -50,7 +50,8 @@ SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 CASTABLE = {"F64", "F32", "F16", "BF16"}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
-COPY_CHUNK = 64 << 20  # bytes per copy_file_range / read-write call for untouched tensors
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (in the kernel: no process memory)
+FALLBACK_CHUNK = 8 << 20  # bytes per read + write where copy_file_range is unavailable
 _MAX_IO = 1 << 30  # stay below Linux's ~2 GiB cap on one read()/write()
 
 
@@ -336,15 +337,16 @@ class ShardWriter:
 
     def copy_from(self, source: BinaryIO, offset: int, length: int, source_path: Path,
                   progress: Callable[[int], None] | None = None) -> None:
-        """Append ``length`` bytes of ``source`` starting at ``offset``, kernel to kernel when
-        possible, in chunks of at most COPY_CHUNK so memory stays bounded either way."""
+        """Append ``length`` bytes of ``source`` starting at ``offset``: kernel to kernel with
+        ``copy_file_range`` when possible, else through a buffer of at most FALLBACK_CHUNK bytes,
+        so memory stays bounded either way."""
         if length > self._pending:
             raise HypermergeError(f"internal error: too many bytes for {self.tensors[self._next - 1].name}")
         src, dst = source.fileno(), self._file.fileno()
         done = 0
         use_kernel = hasattr(os, "copy_file_range")
         while done < length:
-            count = min(COPY_CHUNK, length - done)
+            count = min(COPY_CHUNK if use_kernel else FALLBACK_CHUNK, length - done)
             copied = 0
             if use_kernel:
                 try:
@@ -360,6 +362,7 @@ class ShardWriter:
                     else:
                         raise write_error(exc, self.path) from exc
             if not use_kernel:
+                count = min(count, FALLBACK_CHUNK)
                 try:
                     chunk = os.pread(src, count, offset + done)
                 except OSError as exc:

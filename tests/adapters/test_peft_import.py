@@ -186,9 +186,13 @@ def test_load_adapter_on_peft_dir_matches_peft_forward(kind, bases, tmp_path):
 def test_cli_fold_and_inspect_accept_peft_dirs(bases, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
     adapter = _save_peft("llama", config, tmp_path / "adapter", seed=8)
+    # A local base_model_name_or_path is used as the base, like hypermerge's recorded base_model.
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    raw["base_model_name_or_path"] = str(bases["llama"])
+    (adapter / "adapter_config.json").write_text(json.dumps(raw))
     runner = CliRunner()
-    result = runner.invoke(cli, ["fold", "--adapter", str(adapter), "--base", str(bases["llama"]),
-                                 "--out", str(tmp_path / "out"), "-q", "--verify"])
+    result = runner.invoke(cli, ["fold", "--adapter", str(adapter), "--out", str(tmp_path / "out"), "-q",
+                                 "--verify"])
     assert result.exit_code == 0, result.output
     assert "folded 2 weights (lora)" in result.output and "verified" in result.output
     provenance = json.loads((tmp_path / "out" / "hypermerge_fold.json").read_text())

@@ -184,6 +184,22 @@ def test_nan_in_peft_adapter_is_refused(setup, tmp_path):
     assert_nothing_left(tmp_path)
 
 
+def test_copy_without_copy_file_range_goes_through_a_bounded_buffer(setup, tmp_path, monkeypatch):
+    _, base, adapter = setup
+    from hypermerge.fold import safetensors_io
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(safetensors_io.os, "copy_file_range", cross_device)
+    monkeypatch.setattr(safetensors_io, "FALLBACK_CHUNK", 1000)  # many chunks, even for a tiny model
+    assert fold("--adapter", str(adapter), "--out", str(tmp_path / "out")).exit_code == 0
+    reference = tmp_path / "reference"
+    monkeypatch.undo()
+    assert fold("--adapter", str(adapter), "--out", str(reference)).exit_code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("path", ["write", "copy"])
 def test_disk_full_is_one_line_and_leaves_nothing(setup, tmp_path, monkeypatch, path):
     _, _, adapter = setup
