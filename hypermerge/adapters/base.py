@@ -43,6 +43,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def __getattr__(name: str) -> Any:
+    # ``LINEAR_TYPES`` is kept for code that imported it; built on first use so that importing
+    # this module does not import transformers.
+    if name == "LINEAR_TYPES":
+        from transformers.pytorch_utils import Conv1D
+
+        return (nn.Linear, Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """Fields every method shares.

@@ -55,7 +55,15 @@ class IA3Config(AdapterConfig):
         return problems
 
     def is_feedforward(self, module_name: str) -> bool:
-        """Whether ``module_name`` scales its input (matched like ``target_modules``)."""
+        """Whether ``module_name`` scales its input (matched like ``target_modules``: a regex
+        on the full name, or names matched exactly or as a suffix at a dot boundary).
+
+        Args:
+            module_name: the full module name (``model.layers.0.mlp.down_proj``).
+
+        Returns:
+            True for a feedforward module.
+        """
         value = self.feedforward_modules
         if value is None:
             return False

@@ -190,6 +190,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
     Any NaN or Inf makes the sum NaN or Inf, so a finite sum proves the tensor finite without
     the full-size boolean mask of ``isfinite``; only a non-finite sum (a NaN, or finite values
     whose sum overflows) needs the exact check.
+
+    Args:
+        tensor: any tensor (non-float tensors are finite by definition).
+
+    Returns:
+        True when no value is NaN or infinite.
     """
     if not tensor.is_floating_point():
         return True
@@ -197,7 +203,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def check_finite(adapter: AdapterCheckpoint) -> None:
-    """Refuse an adapter holding NaN or Inf before any output is written."""
+    """Refuse an adapter holding NaN or Inf before any output is written.
+
+    Raises:
+        CheckpointError: naming the first non-finite tensor and the file.
+    """
     for key, value in adapter.tensors().items():
         if not all_finite(value):
             raise CheckpointError(f"adapter tensor {key} holds NaN or Inf", path=adapter.weights_path,
@@ -248,7 +258,11 @@ def fold_tensor(method: type[AdapterMethod], weight: torch.Tensor, params: dict[
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | None:
-    """``"auto"`` -> None (keep each tensor's dtype), else the torch dtype."""
+    """``"auto"`` -> None (keep each tensor's dtype), else the torch dtype.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
     if dtype == "auto":
         return None
     try:

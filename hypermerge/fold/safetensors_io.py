@@ -93,6 +93,12 @@ def read_header(path: Path) -> SafetensorsHeader:
     Every tensor's byte range must lie inside the file and match its dtype and shape, so a
     truncated or damaged file is refused here, before any output is written.
 
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The header: entries in file order with absolute byte offsets, and the metadata.
+
     Raises:
         CheckpointError: the file is missing, not safetensors, damaged or truncated.
     """
@@ -207,6 +213,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def parse_size(text: str | int | None) -> int | None:
     """``"200MB"`` -> 200_000_000, ``"2GiB"`` -> 2 * 1024**3, an int as bytes, None as None.
 
+    Args:
+        text: a size with an optional unit (B, KB, MB, GB, TB decimal; KiB... binary).
+
+    Returns:
+        The size in bytes, or None.
+
     Raises:
         ConfigError: the text is not a size.
     """
@@ -251,6 +263,13 @@ def encode_header(tensors: Iterable[OutputTensor], metadata: Mapping[str, str] |
 
     The JSON is padded with spaces to a multiple of 8 bytes, as the safetensors library does,
     so tensor data starts aligned.
+
+    Args:
+        tensors: the tensors, in the order their bytes will follow the header.
+        metadata: the ``__metadata__`` strings (``{"format": "pt"}``), or None.
+
+    Returns:
+        The bytes to write at the start of the file.
     """
     document: dict[str, Any] = {}
     if metadata:
@@ -272,7 +291,15 @@ def layout_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
 
 
 def write_error(exc: OSError, path: Path) -> HypermergeError:
-    """Turn an OSError from writing ``path`` into a one-line error that says what to do."""
+    """Turn an OSError from writing ``path`` into a one-line error that says what to do.
+
+    Args:
+        exc: the error (ENOSPC, EDQUOT, EFBIG, EACCES, EROFS... get their own advice).
+        path: the file being written.
+
+    Returns:
+        The HypermergeError to raise.
+    """
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return HypermergeError(f"ran out of disk space writing {path.name} ({reason})", path=path.parent,

@@ -34,7 +34,15 @@ def _model_class(config: dict[str, Any]):
 
 
 def sample_inputs(vocab_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """A few token batches of different shapes, the first with padding, drawn from a fixed seed."""
+    """A few token batches of different shapes, the first with padding, drawn from a fixed seed.
+
+    Args:
+        vocab_size: token ids are drawn below it.
+        seed: the generator's seed.
+
+    Returns:
+        ``input_ids`` / ``attention_mask`` dicts, one per shape in SAMPLE_SHAPES.
+    """
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for batch, seq in SAMPLE_SHAPES:
