@@ -1,4 +1,4 @@
-"""hypermerge: adapters (HyperAdapt, LoRA, ...) -> folded dense weights -> verified engines.
+"""hypermerge: adapters (HyperAdapt, LoRA, DoRA, IA³, ...) -> folded dense weights -> verified engines.
 
     import hypermerge as hm
     model = hm.inject(model, hm.HyperAdaptConfig())
@@ -14,7 +14,9 @@ from hypermerge.adapters import (
     AdapterConfig,
     AdapterLayer,
     AdapterMethod,
+    DoRAConfig,
     HyperAdaptConfig,
+    IA3Config,
     LoRAConfig,
     adapter_layers,
     allocate_ranks,
@@ -43,7 +45,8 @@ from hypermerge.inspect import inspect_adapter
 
 __all__ = [
     "METHODS", "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "AdapterMismatchError",
-    "BackendUnavailableError", "CheckpointError", "ConfigError", "ExportError", "FoldResult", "HyperAdaptConfig",
+    "BackendUnavailableError", "CheckpointError", "ConfigError", "DoRAConfig", "ExportError", "FoldResult",
+    "HyperAdaptConfig", "IA3Config",
     "HypermergeError", "LoRAConfig", "OutputExistsError", "ParityError", "__version__", "adapter_layers",
     "allocate_ranks", "fold_checkpoint", "fold_model", "get_method", "inject", "inspect_adapter", "load_adapter",
     "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters",

@@ -58,16 +58,28 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "float16", "bfloat16"])
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output model directory.")
 @click.option("--dtype", type=DTYPE_CHOICES, default="auto", show_default=True,
               help="Output dtype of floating tensors (auto keeps the base's).")
+@click.option("--max-shard-size", default=None, metavar="SIZE",
+              help="Largest output shard, e.g. 2GB or 500MiB [default: keep the base's sharding].")
+@click.option("--verify", is_flag=True,
+              help="Compare the folded model with the adapter model on sample inputs (loads both models).")
+@click.option("--tolerance", type=float, default=None,
+              help="Largest relative difference --verify accepts [default: 1e-4 float32, 1e-2 float16, 5e-2 bfloat16].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
-def fold(adapter_dir: Path, base_dir: Path | None, out_dir: Path, dtype: str, overwrite: bool, quiet: bool) -> None:
-    """Fold an adapter into its base model: a dense HF model directory with no adapter overhead."""
+def fold(adapter_dir: Path, base_dir: Path | None, out_dir: Path, dtype: str, max_shard_size: str | None,
+         verify: bool, tolerance: float | None, overwrite: bool, quiet: bool) -> None:
+    """Fold an adapter (hypermerge or PEFT) into its base: a dense HF model directory, streamed one
+    tensor at a time."""
     from hypermerge.fold import fold_checkpoint
 
     result = fold_checkpoint(adapter_dir, out_dir, base=base_dir, dtype=dtype, overwrite=overwrite,
-                             progress=not quiet)
+                             progress=not quiet, max_shard_size=max_shard_size, verify=verify, tolerance=tolerance)
     click.echo(f"folded {result.folded} weights ({result.method}) into {result.out} "
-               f"in {result.seconds:.1f} s")
+               f"({result.shards} shard{'s' if result.shards != 1 else ''}) in {result.seconds:.1f} s")
+    if result.verify is not None:
+        report = result.verify
+        click.echo(f"verified: max abs difference {report['max_abs']:.3g}, max relative {report['max_rel']:.3g} "
+                   f"(tolerance {report['tolerance']:.3g})")
 
 
 @cli.command()

@@ -83,6 +83,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 TEST_CONFIGS = {
     "hyperadapt": lambda: hm.HyperAdaptConfig(),
     "lora": lambda: hm.LoRAConfig(r=4, alpha=8),
+    "dora": lambda: hm.DoRAConfig(r=4, alpha=8),
+    # Some targets of every architecture scale their input, the others their output (and bias).
+    "ia3": lambda: hm.IA3Config(feedforward_modules=("down_proj", "fc2", "mlp.c_proj", "output.dense")),
 }
 
 

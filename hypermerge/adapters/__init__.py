@@ -2,7 +2,9 @@
 
 from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, load_adapter, read_adapter, save_adapter
+from hypermerge.adapters.dora import DoRA, DoRAConfig
 from hypermerge.adapters.hyperadapt import HyperAdapt, HyperAdaptConfig
+from hypermerge.adapters.ia3 import IA3, IA3Config
 from hypermerge.adapters.lora import LoRA, LoRAConfig
 from hypermerge.adapters.model import (
     adapter_layers,
@@ -16,7 +18,8 @@ from hypermerge.adapters.model import (
 from hypermerge.adapters.registry import METHODS, get_method
 
 __all__ = [
-    "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "HyperAdapt", "HyperAdaptConfig",
+    "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "DoRA", "DoRAConfig", "HyperAdapt",
+    "HyperAdaptConfig", "IA3", "IA3Config",
     "LoRA", "LoRAConfig", "METHODS", "adapter_layers", "allocate_ranks", "fold_model", "get_method", "inject",
     "load_adapter", "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters",
 ]

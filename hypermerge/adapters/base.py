@@ -17,21 +17,40 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from hypermerge.errors import AdapterMismatchError, ConfigError
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (weight stored transposed, (in, out)).
+
+    Looked up in ``sys.modules`` rather than imported: a Conv1D instance implies transformers
+    is loaded, and not importing it here keeps ``hypermerge fold`` (which needs no model code)
+    from paying transformers' ~0.6 s import.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for modules an adapter can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, LINEAR_TYPES)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def __getattr__(name: str) -> Any:
+    # ``LINEAR_TYPES`` is kept for code that imported it; built on first use so that importing
+    # this module does not import transformers.
+    if name == "LINEAR_TYPES":
+        from transformers.pytorch_utils import Conv1D
+
+        return (nn.Linear, Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +134,7 @@ class AdapterLayer(nn.Module):
         self.config = config
         self.weight_name = weight_name
         # GPT-2's Conv1D stores its weight transposed: (in, out).
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:

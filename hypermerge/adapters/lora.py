@@ -77,8 +77,10 @@ class LoRA(AdapterMethod):
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:
-        # (out, r) @ (r, in)
-        return weight + config.scaling * (params["lora_B"] @ params["lora_A"])
+        # (out, r) @ (r, in), then scaled and added in place: the same two roundings as
+        # W + s·(B A) (so bit for bit PEFT's merge), without two more (out, in) temporaries.
+        update = params["lora_B"] @ params["lora_A"]
+        return update.mul_(config.scaling).add_(weight)
 
     @classmethod
     def create_layer(cls, base_layer, config, weight_name, saved=None):

@@ -6,13 +6,15 @@ Adding a method: write ``adapters/<name>.py`` (see docs/adding_an_adapter.md) an
 from __future__ import annotations
 
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
+from hypermerge.adapters.dora import DoRA
 from hypermerge.adapters.hyperadapt import HyperAdapt
+from hypermerge.adapters.ia3 import IA3
 from hypermerge.adapters.lora import LoRA
 from hypermerge.errors import ConfigError
 
 METHODS: dict[str, type[AdapterMethod]] = {
     method.name: method
-    for method in (HyperAdapt, LoRA)
+    for method in (HyperAdapt, LoRA, DoRA, IA3)
 }
 
 

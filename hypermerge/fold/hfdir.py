@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hypermerge._fs import require_dir
 from hypermerge.errors import CheckpointError
+from hypermerge.fold.safetensors_io import SafetensorsHeader, TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,28 +30,19 @@ class BaseCheckpoint:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     shard_of: dict[str, Path]
+    headers: dict[Path, SafetensorsHeader] = dataclasses.field(default_factory=dict)
 
-
-def _read_header(shard: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    try:
-        with safe_open(str(shard), framework="pt") as handle:
-            shapes, dtypes = {}, {}
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                shapes[name] = tuple(view.get_shape())
-                dtypes[name] = view.get_dtype()
-            return shapes, dtypes
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"weights are not a readable safetensors file ({exc})", path=shard,
-                              hint="the file is truncated or of another format; re-save the model") from exc
+    def entry(self, name: str) -> TensorEntry:
+        """Where the bytes of tensor ``name`` are."""
+        return self.headers[self.shard_of[name]].entries[name]
 
 
 def open_base(path: str | Path) -> BaseCheckpoint:
     """Find and check the safetensors weights of a model directory (headers only, no tensor data).
 
     Raises:
-        CheckpointError: no safetensors weights (pickle ones are refused), a missing shard,
-            a damaged index or header.
+        CheckpointError: no safetensors weights (pickle ones are refused), a missing, truncated or
+            damaged shard, a damaged index, or an index that disagrees with its shards.
     """
     path = require_dir(path, "base model directory")
     index_path = path / INDEX_FILE
@@ -59,7 +50,8 @@ def open_base(path: str | Path) -> BaseCheckpoint:
     if index_path.exists():
         try:
             index = json.loads(index_path.read_text())
-            shard_names = sorted(set(index["weight_map"].values()))
+            weight_map = dict(index["weight_map"])
+            shard_names = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{INDEX_FILE} is damaged ({exc})", path=index_path,
                                   hint="re-save the model with save_pretrained") from exc
@@ -70,6 +62,7 @@ def open_base(path: str | Path) -> BaseCheckpoint:
                                       hint="the download or copy is incomplete; copy the model again")
     elif (path / SINGLE_FILE).exists():
         shards = [path / SINGLE_FILE]
+        weight_map = None
     else:
         pickled = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
         if pickled:
@@ -78,13 +71,23 @@ def open_base(path: str | Path) -> BaseCheckpoint:
                                   hint="re-save it with save_pretrained(safe_serialization=True)")
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", path=path,
                               hint="pass a Hugging Face model directory with safetensors weights")
-    shapes, dtypes, shard_of = {}, {}, {}
+    shapes, dtypes, shard_of, headers = {}, {}, {}, {}
     for shard in shards:
-        shard_shapes, shard_dtypes = _read_header(shard)
-        shapes.update(shard_shapes)
-        dtypes.update(shard_dtypes)
-        shard_of.update({name: shard for name in shard_shapes})
-    return BaseCheckpoint(path, shards, index, shapes, dtypes, shard_of)
+        header = read_header(shard)
+        headers[shard] = header
+        for name, entry in header.entries.items():
+            if name in shard_of:
+                raise CheckpointError(f"{name} is stored twice ({shard_of[name].name} and {shard.name})",
+                                      path=shard, hint="re-save the model with save_pretrained")
+            shapes[name] = entry.shape
+            dtypes[name] = entry.dtype
+            shard_of[name] = shard
+    if weight_map is not None:
+        for name, shard_name in weight_map.items():
+            if name not in shard_of or shard_of[name].name != shard_name:
+                raise CheckpointError(f"the index puts {name} in {shard_name}, but that shard does not hold it",
+                                      path=index_path, hint="the index and the shards disagree; re-save the model")
+    return BaseCheckpoint(path, shards, index, shapes, dtypes, shard_of, headers)
 
 
 def is_weight_file(path: Path) -> bool:
