@@ -5,6 +5,8 @@
     ...train...
     hm.save_adapter(model, "adapter", base_model="path/to/base")
     hm.fold_checkpoint("adapter", "folded")      # or: hypermerge fold --adapter adapter --out folded
+    hm.export_model("folded", "exported")        # or: hypermerge export folded --out exported
+    hm.OnnxModel.load("exported").embed(["..."])
 """
 
 from hypermerge._version import __version__
@@ -38,13 +40,14 @@ from hypermerge.errors import (
     OutputExistsError,
     ParityError,
 )
+from hypermerge.export import ExportResult, OnnxModel, Report, export_model, verify_export
 from hypermerge.fold import FoldResult, fold_checkpoint
 from hypermerge.inspect import inspect_adapter
 
 __all__ = [
     "METHODS", "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "AdapterMismatchError",
-    "BackendUnavailableError", "CheckpointError", "ConfigError", "ExportError", "FoldResult", "HyperAdaptConfig",
-    "HypermergeError", "LoRAConfig", "OutputExistsError", "ParityError", "__version__", "adapter_layers",
-    "allocate_ranks", "fold_checkpoint", "fold_model", "get_method", "inject", "inspect_adapter", "load_adapter",
-    "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters",
+    "BackendUnavailableError", "CheckpointError", "ConfigError", "ExportError", "ExportResult", "FoldResult", "HyperAdaptConfig",
+    "HypermergeError", "LoRAConfig", "OnnxModel", "OutputExistsError", "ParityError", "Report", "__version__", "adapter_layers",
+    "allocate_ranks", "export_model", "fold_checkpoint", "fold_model", "get_method", "inject", "inspect_adapter", "load_adapter",
+    "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters", "verify_export",
 ]
