@@ -175,9 +175,10 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
     threads = threads or torch.get_num_threads()
     names = ["loading the model", "exporting to ONNX"] + ["parity"] * verify + ["optimizing"] * optimize
     names += ["int8"] * bool(quantize) + ["TensorRT"] * trt + ["latency"]
-    stage = _Stages(names, progress)
-    try:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        # the bar starts once the output is known to be writable: errors before it stay one line
+        stage = _Stages(names, progress)
+        try:
             stage("loading the model")
             model = load_torch_model(model_dir, task)
             stage("exporting to ONNX")
@@ -248,8 +249,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             report["seconds"] = round(time.perf_counter() - start, 1)
             write_report(tmp, report)
             files = sorted(p.name for p in tmp.iterdir())
-    finally:
-        stage.close()
+        finally:
+            stage.close()
     out = Path(out).absolute()
     return ExportResult(out, task, Report(report, out / "report.json"), files, time.perf_counter() - start)
 
