@@ -223,9 +223,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             accuracy = None
             if quantize:
                 stage("int8")
-                opt.quantize_int8(served, tmp / INT8_FILE, external_data=report["external_data"])
-                int8 = open_session(tmp / INT8_FILE, provider, threads)
-                accuracy = opt.int8_accuracy(_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
+                int8, accuracy = _quantize(served, tmp / INT8_FILE, report["external_data"], provider, threads,
+                                           contract, wrapper, _vocab(model), tokenizer, task)
                 backends["onnxruntime_int8"] = _runner(int8, contract)
             if trt:
                 stage("TensorRT")
@@ -307,6 +306,27 @@ def _drop_backend(latency: dict, name: str) -> None:
         _drop_backend(step, name)
 
 
+def _quantize(src: Path, dst: Path, external_data: bool, provider: str, threads: int, contract, wrapper,
+              vocab: int, tokenizer, task: str):
+    """Every weight matmul in int8; if that misses the accuracy bound, again with the MLP
+    down-projections in fp32 (their inputs have the widest range: on MiniLM this halves the
+    embedding error for ~10% of the speed-up). Returns the session and the accuracy (with attempts)."""
+    metric, bound = opt.INT8_BOUNDS[task]
+    attempts = []
+    for keep in ([], opt.ffn_down_nodes(src)):
+        if attempts and not keep:
+            break
+        details = opt.quantize_int8(src, dst, external_data=external_data, keep_fp32=keep)
+        session = open_session(dst, provider, threads)
+        accuracy = opt.int8_accuracy(_runner(session, contract), wrapper, contract, vocab, tokenizer)
+        attempts.append({**details, metric: accuracy[metric]})
+        if accuracy[metric] >= bound:
+            break
+    accuracy["attempts"] = attempts
+    accuracy["fp32_matmuls"] = attempts[-1]["fp32_matmuls"]
+    return session, accuracy
+
+
 def _decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dict:
     """Keep model.int8.onnx only if it is faster than fp32 and within the accuracy bound."""
     metric, bound = opt.INT8_BOUNDS[task]
@@ -320,7 +340,8 @@ def _decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dic
         reason = f"Not kept ({'; '.join(why)}): only model.onnx (fp32) is in the directory."
         remove_onnx(out_dir / INT8_FILE)
         _drop_backend(latency, "onnxruntime_int8")
-    return {"method": "onnxruntime dynamic quantization (weights int8 per channel, activations uint8)",
+    mixed = f", {accuracy['fp32_matmuls']} MLP down-projections kept fp32" if accuracy.get("fp32_matmuls") else ""
+    return {"method": f"onnxruntime dynamic quantization (weights int8 per channel, activations uint8{mixed})",
             "file": INT8_FILE, "kept": kept, "accuracy": accuracy, "bound": {"metric": metric, "min": bound},
             "p50_ms": p50, "fp32_p50_ms": fp32, "ratio_to_fp32": p50 / fp32,
             "ratio_to_torch": p50 / latency["torch"]["p50_ms"], "reason": reason}

@@ -6,9 +6,11 @@ accuracy cost (int8) before anything replaces or joins the fp32 model.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +91,38 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
     return {"model_type": model_type, "fused_ops": fused}
 
 
-def quantize_int8(src: Path, dst: Path, *, external_data: bool = False) -> dict:
+# the module that projects an MLP's activations back to the hidden size (BERT's layer.N.output.dense,
+# Llama's mlp.down_proj, GPT-2's mlp.c_proj, OPT's fc2): its inputs have the widest range of the block
+_FFN_DOWN = re.compile(r"(\.mlp\.down_proj|\.mlp\.c_proj|\.fc2|\.mlp\.dense_4h_to_h|(?<!attention)\.output\.dense)$")
+
+
+def ffn_down_nodes(path: Path) -> list[str]:
+    """Names of the MatMuls that are MLP down-projections, from the exporter's module-path metadata."""
+    import onnx
+
+    nodes = []
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):  # GPT-2's Conv1D exports as Gemm
+            continue
+        # the torch exporter records the module path of every node: ['', 'model', ..., 'model.x.output.dense', 'linear_5']
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        try:
+            modules = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            continue
+        if any(isinstance(m, str) and _FFN_DOWN.search(m) for m in modules):
+            nodes.append(node.name)
+    return nodes
+
+
+def quantize_int8(src: Path, dst: Path, *, external_data: bool = False, keep_fp32: list[str] | None = None) -> dict:
     """Dynamic int8 quantization of the weight matmuls (weights int8 per channel, activations at run time).
 
     Only MatMuls with a constant weight are quantized: the attention score/value matmuls keep fp32
     (quantizing them costs most of the accuracy for little speed).
+
+    Args:
+        keep_fp32: MatMul node names left in fp32 (see :func:`ffn_down_nodes`).
 
     Raises:
         ExportError: the quantizer failed.
@@ -104,12 +133,11 @@ def quantize_int8(src: Path, dst: Path, *, external_data: bool = False) -> dict:
         with _silenced():
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external_data,
-                             extra_options={"MatMulConstBOnly": True})
+                             nodes_to_exclude=list(keep_fp32 or []), extra_options={"MatMulConstBOnly": True})
     except Exception as exc:
         raise ExportError(f"int8 quantization failed ({type(exc).__name__}: {exc})", path=src,
                           hint="export without --quantize") from exc
-    return {"method": "onnxruntime dynamic quantization", "weights": "int8 per channel",
-            "activations": "uint8 dynamic"}
+    return {"weights": "int8 per channel", "activations": "uint8 dynamic", "fp32_matmuls": len(keep_fp32 or [])}
 
 
 def _accuracy_feeds(contract: IOContract, vocab: int, tokenizer) -> dict[str, torch.Tensor]:

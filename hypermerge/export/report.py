@@ -116,7 +116,8 @@ def to_markdown(report: dict) -> str:
         fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
         lines += ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
                   f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
-                  f"parity re-checked: {'passed' if optimize['parity_passed'] else 'FAILED'}."]
+                  "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
+                      optimize.get("parity_passed")]]
     quant = report.get("quantized")
     if quant:
         metric, bound = quant["bound"]["metric"], quant["bound"]["min"]

@@ -132,3 +132,19 @@ def test_greedy_and_text_runtime(exported):
         assert texts == model.tokenizer.batch_decode(reference, skip_special_tokens=True)
         sampled = [model.generate(prompts, 6, temperature=0.8, top_p=0.9, seed=5, stop_at_eos=False) for _ in range(2)]
         assert sampled[0] == sampled[1]
+
+
+def test_int8_falls_back_to_fp32_mlp_down_projections(exported, tmp_path, monkeypatch):
+    """When full int8 misses the bound, the second attempt keeps each layer's MLP down-projection fp32."""
+    from hypermerge.export import api, optimize
+
+    arch, task, source, result = exported
+    assert len(optimize.ffn_down_nodes(result.out / "model.onnx")) == 2  # one per layer of the tiny model
+    metric = optimize.INT8_BOUNDS[task][0]
+    monkeypatch.setitem(optimize.INT8_BOUNDS, task, (metric, 1.01))  # unreachable: both attempts run
+    torch_model = load_torch_model(source, task)
+    wrapper, contract = wrap(torch_model, task)
+    _, accuracy = api._quantize(result.out / "model.onnx", tmp_path / "int8.onnx", False, "cpu", 1, contract,
+                                wrapper, 128, None, task)
+    assert [a["fp32_matmuls"] for a in accuracy["attempts"]] == [0, 2]
+    assert 0.5 < accuracy[metric] <= 1.0
