@@ -107,6 +107,9 @@ def _latency_options(func):
         click.option("--iters", type=int, default=30, show_default=True, help="Interleaved latency runs."),
         click.option("--provider", default="auto", show_default=True,
                      help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt."),
+        click.option("--atol", type=float, default=1e-4, show_default=True,
+                     help="Parity: absolute tolerance, times max(1, the output's largest |value|)."),
+        click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance."),
     ]):
         func = option(func)
     return func
@@ -132,17 +135,20 @@ def _latency_options(func):
 @quiet_option
 def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool, quantize: str | None, trt: bool,
            fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, batch: int | None, seq: int | None,
-           threads: int | None, iters: int, provider: str, overwrite: bool, quiet: bool) -> None:
+           threads: int | None, iters: int, provider: str, atol: float, rtol: float, overwrite: bool,
+           quiet: bool) -> None:
     """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
     from hypermerge.errors import ConfigError
     from hypermerge.export import export_model
+    from hypermerge.export.parity import Tolerance
 
     if fp16 and bf16:
         raise ConfigError("--fp16 and --bf16 exclude each other", hint="pick one")
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     result = export_model(model_dir, out_dir, task, opset=opset, optimize=optimize, quantize=quantize, trt=trt,
                           precision=precision, shapes=shapes, verify=not no_verify, overwrite=overwrite, batch=batch,
-                          seq=seq, threads=threads, iters=iters, provider=provider, progress=not quiet)
+                          seq=seq, threads=threads, iters=iters, provider=provider, tolerance=Tolerance(atol, rtol),
+                          progress=not quiet)
     click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     click.echo(result.report.markdown())
 
@@ -154,12 +160,13 @@ def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool
 @_latency_options
 @quiet_option
 def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | None, threads: int | None,
-           iters: int, provider: str, quiet: bool) -> None:
+           iters: int, provider: str, atol: float, rtol: float, quiet: bool) -> None:
     """Re-run parity and latency on an exported directory and rewrite its report."""
     from hypermerge.export import verify_export
+    from hypermerge.export.parity import Tolerance
 
     report = verify_export(export_dir, source=source, provider=provider, batch=batch, seq=seq, threads=threads,
-                           iters=iters, progress=not quiet)
+                           iters=iters, tolerance=Tolerance(atol, rtol), progress=not quiet)
     click.echo(f"verified {export_dir}: parity passed; report.json and report.md rewritten")
     click.echo(report.markdown())
 

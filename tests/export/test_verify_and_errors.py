@@ -78,6 +78,9 @@ def test_verify_with_explicit_source_and_missing_source(bert_export, tmp_path):
     root, source, out = bert_export
     report = hm.verify_export(out, source=source, iters=2, batch=1, seq=4, progress=False)
     assert report.passed and report["latency"]["seq"] == 4
+    strict = run(["verify", str(out), "--atol", "-1", "--rtol", "0", "--iters", "2", "-q"])
+    assert_one_line_error(strict, "verification failed", "logits max abs err", "allowed -1")
+    assert json.loads((out / "report.json").read_text())["parity"]["tolerance"] == {"atol": -1.0, "rtol": 0.0}
     lone = tmp_path / "lone"
     lone.mkdir()
     (lone / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
