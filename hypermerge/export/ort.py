@@ -58,6 +58,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     """
     ort = _ort()
     path = Path(path)
+    names = resolve_providers(provider)  # an unknown or missing provider is reported first
     if not path.is_file():
         raise ExportError("ONNX model not found", path=path, hint="export it first with hypermerge export")
     options = ort.SessionOptions()
@@ -66,7 +67,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     providers: list = []
-    for name in resolve_providers(provider):
+    for name in names:
         if name == "CUDAExecutionProvider" and exact:
             providers.append((name, {"use_tf32": "0"}))
         else:

@@ -146,3 +146,12 @@ def test_cli_subprocess_export_prints_the_table(tmp_path):
     assert "exported sequence-classification" in proc.stdout and "| logits |" in proc.stdout
     assert "| onnxruntime |" in proc.stdout
     assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_onnx_model_load_errors(tmp_path):
+    with pytest.raises(hm.CheckpointError, match="not found"):
+        hm.OnnxModel.load(tmp_path / "nope")
+    with pytest.raises(hm.ExportError, match="ONNX model not found"):
+        hm.OnnxModel.load(tmp_path)
+    with pytest.raises(hm.ConfigError, match="unknown provider"):
+        hm.OnnxModel.load(tmp_path, provider="tpu")
