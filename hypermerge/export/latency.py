@@ -1,7 +1,7 @@
 """Latency: PyTorch eager against the exported backend on the same inputs with the same threads.
 
-Runs are interleaved (torch, backend, torch, backend, ...) so that a noisy neighbour or a change of
-clock speed hits both sides alike; the report gives p50 / p90 / p99 in milliseconds.
+Runs are interleaved in short blocks (torch ×5, backend ×5, torch ×5, ...) so that a noisy neighbour
+or a change of clock speed hits both sides alike; the report gives p50 / p90 / p99 in milliseconds.
 """
 
 from __future__ import annotations
@@ -37,17 +37,26 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def interleaved(functions: dict[str, Callable[[], object]], *, warmup: int = 3, iters: int = 30) -> dict[str, dict]:
-    """Time each function ``iters`` times, alternating between them; percentiles per function."""
+def interleaved(functions: dict[str, Callable[[], object]], *, warmup: int = 3, iters: int = 30,
+                block: int = 5) -> dict[str, dict]:
+    """Time each function ``iters`` times, alternating between them in blocks; percentiles per function.
+
+    Each block starts with one untimed run: onnxruntime's worker threads keep spinning for a while
+    after a run, and a torch call started inside that window loses its cores to them (measured:
+    MiniLM b1×s16 on 2 threads, torch 9 ms alone, 22 ms when run right after onnxruntime).
+    """
     for _ in range(warmup):
         for fn in functions.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(iters):
+    while len(next(iter(times.values()))) < iters:
+        runs = min(block, iters - len(next(iter(times.values()))))
         for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            fn()  # the switch-over run, untimed
+            for _ in range(runs):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: percentiles(values) for name, values in times.items()}
 
 
