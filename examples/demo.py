@@ -2,7 +2,8 @@
 
     make demo            # or: python examples/demo.py --out demo-out
 
-Today: inject HyperAdapt -> save adapter -> `hypermerge fold` -> parity of folded vs adapter model.
+Today: inject HyperAdapt -> save adapter -> `hypermerge fold` -> parity of folded vs adapter model
+-> `hypermerge export` (ONNX, parity certificate, latency) -> `hypermerge verify` -> report table.
 The adapter's scales are set to random values near 1 as a stand-in for training until
 `hypermerge train` lands in this demo.
 """
@@ -49,7 +50,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
 
-    print(f"[1/3] HyperAdapt adapter on all-MiniLM-L6-v2 ({base})")
+    print(f"[1/5] HyperAdapt adapter on all-MiniLM-L6-v2 ({base})")
     model = AutoModel.from_pretrained(base).eval()
     hm.inject(model, hm.HyperAdaptConfig())
     torch.manual_seed(0)
@@ -64,14 +65,14 @@ def main() -> None:
     hm.save_adapter(model, adapter_dir, base_model=base)
     print(f"      adapter saved to {adapter_dir}")
 
-    print("[2/3] hypermerge fold")
+    print("[2/5] hypermerge fold")
     folded_dir = out / "folded"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "hypermerge", "fold", "--adapter", str(adapter_dir),
                     "--out", str(folded_dir)], check=True)
     print(f"      folded model in {folded_dir} ({time.perf_counter() - start:.1f} s including start-up)")
 
-    print("[3/3] parity: adapter model vs folded model (mean-pooled embeddings)")
+    print("[3/5] parity: adapter model vs folded model (mean-pooled embeddings)")
     folded = AutoModel.from_pretrained(folded_dir).eval()
     expected, actual = mean_pooled(model, batch), mean_pooled(folded, batch)
     max_abs = float((actual - expected).abs().max())
@@ -79,6 +80,19 @@ def main() -> None:
     print(f"      max abs error {max_abs:.2e}, min cosine {cosine:.8f}")
     if max_abs > 1e-5:
         sys.exit(f"demo: parity failed (max abs error {max_abs:.2e} > 1e-5)")
+
+    print("[4/5] hypermerge export: ONNX + parity certificate + latency (b8×s64, torch eager vs onnxruntime)")
+    export_dir = out / "onnx"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "hypermerge", "export", str(folded_dir), "--out", str(export_dir),
+                    "--iters", "20", "-q"], check=True, stdout=subprocess.DEVNULL)
+    print(f"      exported to {export_dir} ({time.perf_counter() - start:.1f} s including start-up)")
+    onnx_model = hm.OnnxModel.load(export_dir)
+    onnx_cosine = float((onnx_model.embed(SENTENCES) * actual.numpy()).sum(1).min())
+    print(f"      hm.OnnxModel embeddings vs the folded PyTorch model: min cosine {onnx_cosine:.8f}")
+
+    print("[5/5] hypermerge verify (re-runs parity and latency, rewrites the report)")
+    subprocess.run([sys.executable, "-m", "hypermerge", "verify", str(export_dir), "--iters", "20", "-q"], check=True)
     print(f"done: artifacts in {out}")
 
 

@@ -5,6 +5,8 @@
     ...train...
     hm.save_adapter(model, "adapter", base_model="path/to/base")
     hm.fold_checkpoint("adapter", "folded")      # or: hypermerge fold --adapter adapter --out folded
+    hm.export_model("folded", "exported")        # or: hypermerge export folded --out exported
+    hm.OnnxModel.load("exported").embed(["..."])
 """
 
 from hypermerge._version import __version__
@@ -40,14 +42,46 @@ from hypermerge.errors import (
     OutputExistsError,
     ParityError,
 )
+from hypermerge.export import ExportResult, OnnxModel, Report, export_model, verify_export
 from hypermerge.fold import FoldResult, fold_checkpoint
 from hypermerge.inspect import inspect_adapter
 
 __all__ = [
-    "METHODS", "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "AdapterMismatchError",
-    "BackendUnavailableError", "CheckpointError", "ConfigError", "DoRAConfig", "ExportError", "FoldResult",
-    "HyperAdaptConfig", "IA3Config",
-    "HypermergeError", "LoRAConfig", "OutputExistsError", "ParityError", "__version__", "adapter_layers",
-    "allocate_ranks", "fold_checkpoint", "fold_model", "get_method", "inject", "inspect_adapter", "load_adapter",
-    "rank_pattern", "read_adapter", "regularization_loss", "save_adapter", "trainable_parameters",
+    "__version__",
+    "adapter_layers",
+    "AdapterCheckpoint",
+    "AdapterConfig",
+    "AdapterLayer",
+    "AdapterMethod",
+    "AdapterMismatchError",
+    "allocate_ranks",
+    "BackendUnavailableError",
+    "CheckpointError",
+    "ConfigError",
+    "DoRAConfig",
+    "export_model",
+    "ExportError",
+    "ExportResult",
+    "fold_checkpoint",
+    "fold_model",
+    "FoldResult",
+    "get_method",
+    "HyperAdaptConfig",
+    "HypermergeError",
+    "IA3Config",
+    "inject",
+    "inspect_adapter",
+    "load_adapter",
+    "LoRAConfig",
+    "METHODS",
+    "OnnxModel",
+    "OutputExistsError",
+    "ParityError",
+    "rank_pattern",
+    "read_adapter",
+    "regularization_loss",
+    "Report",
+    "save_adapter",
+    "trainable_parameters",
+    "verify_export",
 ]

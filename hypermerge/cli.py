@@ -110,6 +110,79 @@ def inspect(adapter_dir: Path, base_dir: Path | None, as_json: bool) -> None:
             click.echo(f"  {rank:4d}  {name}")
 
 
+def _latency_options(func):
+    for option in reversed([
+        click.option("--batch", type=int, default=None, help="Latency batch size [default: 8 encoders, 1 causal LMs]."),
+        click.option("--seq", type=int, default=None, help="Latency sequence length [default: 64]."),
+        click.option("--threads", type=int, default=None, help="Threads for torch and onnxruntime alike "
+                     "[default: torch's]."),
+        click.option("--iters", type=int, default=30, show_default=True, help="Interleaved latency runs."),
+        click.option("--provider", default="auto", show_default=True,
+                     help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt."),
+        click.option("--atol", type=float, default=1e-4, show_default=True,
+                     help="Parity: absolute tolerance, times max(1, the output's largest |value|)."),
+        click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance."),
+    ]):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--task", default="auto", show_default=True,
+              help="auto (from config.architectures), feature-extraction, sequence-classification, causal-lm.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--optimize", is_flag=True, help="onnxruntime's transformer optimizer (fusions); parity re-checked.")
+@click.option("--quantize", default=None, metavar="int8",
+              help="Also try dynamic int8; kept as model.int8.onnx only if faster and within its accuracy bound.")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and a CUDA GPU).")
+@click.option("--fp16", is_flag=True, help="TensorRT engine in fp16.")
+@click.option("--bf16", is_flag=True, help="TensorRT engine in bf16.")
+@click.option("--shapes", default=None, metavar="MIN:OPT:MAX",
+              help="TensorRT profile: BxS each (BxSxP for causal LMs, P = past length).")
+@click.option("--no-verify", is_flag=True, help="Skip the parity and latency checks.")
+@_latency_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool, quantize: str | None, trt: bool,
+           fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, batch: int | None, seq: int | None,
+           threads: int | None, iters: int, provider: str, atol: float, rtol: float, overwrite: bool,
+           quiet: bool) -> None:
+    """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
+    from hypermerge.errors import ConfigError
+    from hypermerge.export import export_model
+    from hypermerge.export.parity import Tolerance
+
+    if fp16 and bf16:
+        raise ConfigError("--fp16 and --bf16 exclude each other", hint="pick one")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    result = export_model(model_dir, out_dir, task, opset=opset, optimize=optimize, quantize=quantize, trt=trt,
+                          precision=precision, shapes=shapes, verify=not no_verify, overwrite=overwrite, batch=batch,
+                          seq=seq, threads=threads, iters=iters, provider=provider, tolerance=Tolerance(atol, rtol),
+                          progress=not quiet)
+    click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
+    click.echo(result.report.markdown())
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The HF model directory to compare with [default: the one recorded at export].")
+@_latency_options
+@quiet_option
+def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | None, threads: int | None,
+           iters: int, provider: str, atol: float, rtol: float, quiet: bool) -> None:
+    """Re-run parity and latency on an exported directory and rewrite its report."""
+    from hypermerge.export import verify_export
+    from hypermerge.export.parity import Tolerance
+
+    report = verify_export(export_dir, source=source, provider=provider, batch=batch, seq=seq, threads=threads,
+                           iters=iters, tolerance=Tolerance(atol, rtol), progress=not quiet)
+    click.echo(f"verified {export_dir}: parity passed; report.json and report.md rewritten")
+    click.echo(report.markdown())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="hypermerge")

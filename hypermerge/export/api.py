@@ -1,0 +1,516 @@
+"""``export_model`` and ``verify_export``: what ``hypermerge export`` and ``hypermerge verify`` run."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hypermerge._fs import atomic_output_dir, require_dir
+from hypermerge._version import __version__
+from hypermerge.errors import ConfigError, ExportError, HypermergeError, ParityError
+from hypermerge.export import optimize as opt
+from hypermerge.export import tensorrt as trt_mod
+from hypermerge.export.latency import measure
+from hypermerge.export.onnx_export import DEFAULT_OPSET, export_onnx, load_torch_model, wrap
+from hypermerge.export.ort import open_session, session_provider
+from hypermerge.export.parity import TOLERANCES, Tolerance, check_parity, failure_summary
+from hypermerge.export.report import FORMAT, read_report, to_markdown, write_report
+from hypermerge.export.runtime import MODEL_FILE
+from hypermerge.export.tasks import CAUSAL_LM, check_task, detect_task, read_config
+from hypermerge.fold.hfdir import copy_model_files
+
+INT8_FILE = "model.int8.onnx"
+OPTIMIZED_FILE = "model.optimized.onnx"  # becomes model.onnx once measured
+# latency defaults: the issue's MiniLM benchmark shape for encoders; a 64-token prompt for causal LMs
+DEFAULT_LATENCY_SHAPE = {"encoder": (8, 64), CAUSAL_LM: (1, 64)}
+
+
+@dataclasses.dataclass
+class Report:
+    """A parsed report.json: ``report["parity"]["max_abs_err"]``, ``report.passed``, ``report.markdown()``."""
+
+    data: dict
+    path: Path
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    @property
+    def passed(self) -> bool:
+        """Parity (and TensorRT parity, where an engine was built) passed."""
+        parity = self.data.get("parity") or {}
+        trt = (self.data.get("tensorrt") or {}).get("parity") or {"passed": True}
+        return bool(parity.get("passed")) and bool(trt.get("passed"))
+
+    def markdown(self) -> str:
+        return to_markdown(self.data)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    out: Path
+    task: str
+    report: Report
+    files: list[str]
+    seconds: float
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """One hash over the directory's safetensors files (to tell a changed source from a bad export)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _io_spec(session) -> tuple[list[dict], list[dict]]:
+    def spec(values):
+        return [{"name": v.name, "dtype": v.type.removeprefix("tensor(").rstrip(")"), "shape": list(v.shape)}
+                for v in values]
+
+    return spec(session.get_inputs()), spec(session.get_outputs())
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _runner(session, contract):
+    names = list(contract.outputs)
+    return lambda feeds: session.run(names, feeds)
+
+
+def _tokenizer(path: Path):
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class _Stages:
+    """A progress bar over named stages (``--quiet`` turns it off)."""
+
+    def __init__(self, names: list[str], enabled: bool):
+        self.bar = tqdm(total=len(names), disable=not enabled, unit="stage", leave=False)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _default_shape(task: str, batch: int | None, seq: int | None) -> tuple[int, int]:
+    default = DEFAULT_LATENCY_SHAPE[CAUSAL_LM if task == CAUSAL_LM else "encoder"]
+    return batch or default[0], seq or default[1]
+
+
+def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, opset: int = DEFAULT_OPSET,
+                 optimize: bool = False, quantize: str | None = None, trt: bool = False, precision: str = "fp32",
+                 shapes: str | None = None, verify: bool = True, overwrite: bool = False,
+                 batch: int | None = None, seq: int | None = None, threads: int | None = None, iters: int = 30,
+                 external_data: bool | None = None, tolerance: Tolerance | None = None, new_tokens: int = 16,
+                 provider: str = "auto", progress: bool = True) -> ExportResult:
+    """Export a HF model directory to a verified ONNX directory (and optionally a TensorRT engine).
+
+    Args:
+        model_dir: a HF model directory with safetensors weights (e.g. ``hypermerge fold``'s output).
+        out: the output directory (written atomically: on any error nothing is left).
+        task: auto (from ``config.architectures``), feature-extraction, sequence-classification or causal-lm.
+        optimize: apply onnxruntime's transformer optimizer; parity is re-checked on the result.
+        quantize: "int8" for dynamic quantization, kept as ``model.int8.onnx`` only if it is faster
+            and within the accuracy bound (``model.onnx`` stays fp32 either way).
+        trt: also build ``model.engine`` with TensorRT (``precision`` fp32/fp16/bf16, ``shapes`` its profile).
+        verify: check parity (and measure latency); False skips both.
+        batch, seq, threads, iters: the latency measurement (defaults: 8×64 encoders, 1×64 causal LMs;
+            torch's thread count; 30 interleaved runs).
+        tolerance: parity bound (default: fp32 atol 1e-4, rtol 1e-3).
+        new_tokens: greedy tokens compared with PyTorch (causal LMs, at least 16 recommended).
+
+    Returns:
+        The output path, task, report and the files written.
+
+    Raises:
+        ExportError: not a model directory, unsupported architecture, exporter failure.
+        ConfigError: an invalid option (unknown task, --fp16 without --trt, malformed --shapes...).
+        BackendUnavailableError: --trt without TensorRT and a CUDA GPU (checked before anything is written).
+        ParityError: the export (or its optimized form) does not reproduce PyTorch.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    start = time.perf_counter()
+    model_dir = require_dir(model_dir, "model directory").absolute()
+    config = read_config(model_dir)
+    task = detect_task(config, model_dir / "config.json") if task == "auto" else check_task(task)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"unknown quantization {quantize!r}", hint="the only one is int8")
+    if not trt and (precision != "fp32" or shapes):
+        raise ConfigError("--fp16, --bf16 and --shapes apply to TensorRT engines", hint="add --trt")
+    if opset < 17:
+        raise ConfigError(f"opset {opset} is too old for the exporter", hint="use --opset 17 or newer")
+    shape_range = trt_mod.parse_shapes(shapes, task) if trt else None
+    if trt:
+        trt_mod.builder_flags(trt_mod.require_tensorrt(), precision)  # before anything is written
+    tolerance = tolerance or TOLERANCES["fp32"]
+    batch, seq = _default_shape(task, batch, seq)
+    threads = threads or torch.get_num_threads()
+    names = ["loading the model", "exporting to ONNX"] + ["parity"] * verify + ["optimizing"] * optimize
+    names += ["int8"] * bool(quantize) + ["TensorRT"] * trt + ["latency"]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        # the bar starts once the output is known to be writable: errors before it stay one line
+        stage = _Stages(names, progress)
+        try:
+            stage("loading the model")
+            model = load_torch_model(model_dir, task)
+            stage("exporting to ONNX")
+            contract = export_onnx(model, task, tmp / MODEL_FILE, opset=opset, external_data=external_data)
+            copy_model_files(model_dir, tmp)
+            wrapper, _ = wrap(model, task)
+            tokenizer = _tokenizer(model_dir)
+            session = open_session(tmp / MODEL_FILE, provider, threads, exact=True)
+            inputs, outputs = _io_spec(session)
+            report = {"format": FORMAT, "format_version": 1, "hypermerge": __version__, "created_at": _now(),
+                      "source": {"path": str(model_dir), "weights_sha256": weights_sha256(model_dir)},
+                      "task": task, "opset": opset, "dtype": "float32",
+                      "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+                      "model_file": MODEL_FILE, "external_data": (tmp / f"{MODEL_FILE}.data").exists(),
+                      "inputs": inputs, "outputs": outputs, "parity": None, "latency": None}
+            backend = f"onnxruntime:{session_provider(session)}"
+            if verify:
+                stage("parity")
+                report["parity"] = check_parity(_runner(session, contract), model, wrapper, contract, backend=backend,
+                                                tolerance=tolerance, new_tokens=new_tokens, tokenizer=tokenizer)
+                if not report["parity"]["passed"]:
+                    raise ParityError(f"the ONNX model does not match PyTorch: {failure_summary(report['parity'])}",
+                                      path=model_dir, hint="run with --debug, or try another --opset")
+            backends = {"onnxruntime": _runner(session, contract)}
+            served = tmp / MODEL_FILE
+            if optimize:
+                stage("optimizing")
+                served = tmp / OPTIMIZED_FILE
+                report["optimize"] = opt.optimize_onnx(tmp / MODEL_FILE, served, config,
+                                                       external_data=report["external_data"])
+                session = open_session(served, provider, threads, exact=True)
+                if verify:
+                    parity = check_parity(_runner(session, contract), model, wrapper, contract, backend=backend,
+                                          tolerance=tolerance, new_tokens=new_tokens, tokenizer=tokenizer)
+                    report["optimize"]["parity"] = parity
+                    if not parity["passed"]:
+                        raise ParityError(f"--optimize broke parity: {failure_summary(parity)}", path=model_dir,
+                                          hint="export without --optimize")
+                report["optimize"]["parity_passed"] = report["optimize"].get("parity", {}).get("passed")
+                backends = {"onnxruntime": _runner(session, contract),
+                            "onnxruntime_unoptimized": backends["onnxruntime"]}
+            accuracy = None
+            if quantize:
+                stage("int8")
+                int8, accuracy = _quantize(served, tmp / INT8_FILE, report["external_data"], provider, threads,
+                                           contract, wrapper, _vocab(model), tokenizer, task)
+                backends["onnxruntime_int8"] = _runner(int8, contract)
+            if trt:
+                stage("TensorRT")
+                # TensorRT parses the plain graph: the optimizer's fused ops are onnxruntime-only
+                report["tensorrt"], backends["tensorrt"] = _tensorrt(
+                    tmp, contract, shape_range, precision, model, wrapper, tokenizer, new_tokens, verify)
+            stage("latency")
+            if verify or optimize or quantize:
+                report["latency"] = measure(backends, wrapper, contract, _vocab(model), batch=batch, seq=seq,
+                                            threads=threads, iters=iters)
+            if optimize:
+                if report["latency"]:
+                    report["optimize"]["plain_p50_ms"] = report["latency"]["onnxruntime_unoptimized"]["p50_ms"]
+                    report["optimize"]["optimized_p50_ms"] = report["latency"]["onnxruntime"]["p50_ms"]
+                    _drop_backend(report["latency"], "onnxruntime_unoptimized")
+                del session, backends
+                move_onnx(served, tmp / MODEL_FILE)
+            if quantize:
+                report["quantized"] = _decide_int8(tmp, report["latency"], accuracy, task)
+            report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            write_report(tmp, report)
+            files = sorted(p.name for p in tmp.iterdir())
+        finally:
+            stage.close()
+    out = Path(out).absolute()
+    return ExportResult(out, task, Report(report, out / "report.json"), files, time.perf_counter() - start)
+
+
+def _vocab(model: torch.nn.Module) -> int:
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _external_data_files(path: Path) -> list[Path]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return [path.parent / name for name in sorted(locations)]
+
+
+def move_onnx(src: Path, dst: Path) -> None:
+    """Rename an ONNX model; its external data file (named inside the model) is renamed with it."""
+    data = _external_data_files(src)
+    if not data:
+        os.replace(src, dst)
+        return
+    import onnx
+
+    model = onnx.load(str(src))
+    dst.unlink(missing_ok=True)
+    for path in _external_data_files(dst.parent / dst.name) if dst.exists() else []:
+        path.unlink(missing_ok=True)
+    Path(f"{dst}.data").unlink(missing_ok=True)
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data")
+    src.unlink()
+    for path in data:
+        path.unlink(missing_ok=True)
+
+
+def remove_onnx(path: Path) -> None:
+    """Delete an ONNX model and its external data."""
+    if path.exists():
+        for data in _external_data_files(path):
+            data.unlink(missing_ok=True)
+        path.unlink()
+
+
+def _drop_backend(latency: dict, name: str) -> None:
+    latency.pop(name, None)
+    latency.get("ratio", {}).pop(name, None)
+    step = latency.get("decode_step")
+    if step:
+        _drop_backend(step, name)
+
+
+def _quantize(src: Path, dst: Path, external_data: bool, provider: str, threads: int, contract, wrapper,
+              vocab: int, tokenizer, task: str):
+    """Every weight matmul in int8; if that misses the accuracy bound, again with the MLP
+    down-projections in fp32 (their inputs have the widest range: on MiniLM this halves the
+    embedding error for ~10% of the speed-up). Returns the session and the accuracy (with attempts)."""
+    metric, bound = opt.INT8_BOUNDS[task]
+    attempts = []
+    for keep in ([], opt.ffn_down_nodes(src)):
+        if attempts and not keep:
+            break
+        details = opt.quantize_int8(src, dst, external_data=external_data, keep_fp32=keep)
+        session = open_session(dst, provider, threads)
+        accuracy = opt.int8_accuracy(_runner(session, contract), wrapper, contract, vocab, tokenizer)
+        attempts.append({**details, metric: accuracy[metric]})
+        if accuracy[metric] >= bound:
+            break
+    accuracy["attempts"] = attempts
+    accuracy["fp32_matmuls"] = attempts[-1]["fp32_matmuls"]
+    return session, accuracy
+
+
+def _decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dict:
+    """Keep model.int8.onnx only if it is faster than fp32 and within the accuracy bound."""
+    metric, bound = opt.INT8_BOUNDS[task]
+    p50, fp32 = latency["onnxruntime_int8"]["p50_ms"], latency["onnxruntime"]["p50_ms"]
+    within, faster = accuracy[metric] >= bound, p50 < fp32
+    kept = within and faster
+    if kept:
+        reason = "Faster than fp32 and within the bound: kept beside model.onnx (which stays fp32)."
+    else:
+        why = [f"{metric} {accuracy[metric]:.4f} < {bound}"] * (not within) + ["not faster than fp32"] * (not faster)
+        reason = f"Not kept ({'; '.join(why)}): only model.onnx (fp32) is in the directory."
+        remove_onnx(out_dir / INT8_FILE)
+        _drop_backend(latency, "onnxruntime_int8")
+    mixed = f", {accuracy['fp32_matmuls']} MLP down-projections kept fp32" if accuracy.get("fp32_matmuls") else ""
+    return {"method": f"onnxruntime dynamic quantization (weights int8 per channel, activations uint8{mixed})",
+            "file": INT8_FILE, "kept": kept, "accuracy": accuracy, "bound": {"metric": metric, "min": bound},
+            "p50_ms": p50, "fp32_p50_ms": fp32, "ratio_to_fp32": p50 / fp32,
+            "ratio_to_torch": p50 / latency["torch"]["p50_ms"], "reason": reason}
+
+
+def _cases_within(shape_range, task: str):
+    """The default parity cases that fit a TensorRT profile (the opt point if none does)."""
+    from hypermerge.export.parity import CAUSAL_CASES, ENCODER_CASES, Case
+
+    cases = CAUSAL_CASES if task == CAUSAL_LM else ENCODER_CASES
+    low, high = shape_range.min, shape_range.max
+
+    def fits(case) -> bool:
+        return (low.batch <= case.batch <= high.batch and low.seq <= case.seq <= high.seq
+                and (task != CAUSAL_LM or low.past <= case.past <= high.past))
+
+    inside = tuple(case for case in cases if fits(case))
+    opt_point = shape_range.opt
+    return inside or (Case(opt_point.batch, opt_point.seq, opt_point.past),)
+
+
+def _tensorrt(out_dir: Path, contract, shape_range, precision: str, model, wrapper, tokenizer, new_tokens: int,
+              verify: bool):
+    trt = trt_mod.require_tensorrt()
+    section = trt_mod.build_engine(trt, out_dir / MODEL_FILE, out_dir, contract, shape_range, precision)
+    runner = trt_mod.TensorRTRunner(trt, out_dir / trt_mod.ENGINE_FILE, order=list(contract.outputs))
+    if verify:
+        greedy_fits = (shape_range.min.batch <= 3 <= shape_range.max.batch
+                       and shape_range.max.past >= 11 + new_tokens and shape_range.min.past == 0)
+        parity = check_parity(runner, model, wrapper, contract, backend=f"tensorrt:{precision}",
+                              tolerance=TOLERANCES[precision], new_tokens=new_tokens, tokenizer=tokenizer,
+                              cases=_cases_within(shape_range, contract.task), greedy=greedy_fits)
+        section["parity"] = parity
+        if not parity["passed"]:
+            raise ParityError(f"the TensorRT engine does not match PyTorch: {failure_summary(parity)}",
+                              hint="try --fp16 instead of --bf16, or fp32")
+    return section, runner
+
+
+def verify_export(export_dir: str | Path, *, source: str | Path | None = None, provider: str = "auto",
+                  batch: int | None = None, seq: int | None = None, threads: int | None = None, iters: int = 30,
+                  tolerance: Tolerance | None = None, new_tokens: int = 16, progress: bool = True) -> Report:
+    """Re-run parity and latency on an exported directory and rewrite its report.
+
+    The PyTorch reference is loaded from the source model recorded at export (or ``source``). A
+    failing check still rewrites the report (``parity.passed`` false) and then raises.
+
+    Args:
+        source: the HF model directory to compare with (default: the one in report.json).
+        batch, seq: latency shape (default: the report's, else 8×64 / 1×64).
+
+    Returns:
+        The new report.
+
+    Raises:
+        ExportError: no model.onnx, or the source model is unknown or missing.
+        ParityError: parity fails (the message names the output and the error; it says when the
+            source's weights changed since export).
+    """
+    start = time.perf_counter()
+    export_dir = require_dir(export_dir, "exported model directory").absolute()
+    if not (export_dir / MODEL_FILE).is_file():
+        raise ExportError(f"no {MODEL_FILE} in this directory", path=export_dir,
+                          hint="pass a directory written by hypermerge export")
+    report = read_report(export_dir) or {}
+    recorded_source = (report.get("source") or {}).get("path")
+    if source is None and not recorded_source:
+        raise ExportError("the source model (the PyTorch reference) is not recorded: no report.json",
+                          path=export_dir, hint="pass --source MODEL_DIR")
+    source_path = Path(source or recorded_source)
+    if not (source_path / "config.json").is_file():
+        raise ExportError("the source model (the PyTorch reference) is not there", path=source_path,
+                          hint="pass --source MODEL_DIR")
+    tolerance = tolerance or TOLERANCES["fp32"]
+    threads = threads or (report.get("latency") or {}).get("threads") or torch.get_num_threads()
+    has_int8, has_engine = (export_dir / INT8_FILE).exists(), (export_dir / trt_mod.ENGINE_FILE).exists()
+    names = ["loading", "parity"] + ["int8"] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
+    stage = _Stages(names, progress)
+    try:
+        stage("loading")
+        session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
+        contract = _contract(session)
+        model = load_torch_model(source_path, contract.task)
+        wrapper, _ = wrap(model, contract.task)
+        tokenizer = _tokenizer(export_dir)
+        inputs, outputs = _io_spec(session)
+        sha = weights_sha256(source_path)
+        recorded = (report.get("source") or {}).get("weights_sha256")
+        report.update({"format": FORMAT, "format_version": 1, "hypermerge": __version__, "verified_at": _now(),
+                       "task": contract.task, "inputs": inputs, "outputs": outputs,
+                       "model_file": MODEL_FILE})
+        report.setdefault("opset", _opset(export_dir / MODEL_FILE))
+        report.setdefault("exporter", "unknown (not exported by hypermerge)")
+        report["source"] = {"path": str(source_path.absolute()), "weights_sha256": sha,
+                            **({"weights_changed_since_export": recorded != sha} if recorded else {})}
+        stage("parity")
+        report["parity"] = check_parity(_runner(session, contract), model, wrapper, contract,
+                                        backend=f"onnxruntime:{session_provider(session)}", tolerance=tolerance,
+                                        new_tokens=new_tokens, tokenizer=tokenizer)
+        backends = {"onnxruntime": _runner(session, contract)}
+        failures = [] if report["parity"]["passed"] else [f"ONNX: {failure_summary(report['parity'])}"]
+        accuracy = None
+        if has_int8:
+            stage("int8")
+            int8 = open_session(export_dir / INT8_FILE, provider, threads)
+            accuracy = opt.int8_accuracy(_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
+            backends["onnxruntime_int8"] = _runner(int8, contract)
+        if has_engine:
+            stage("TensorRT")
+            _verify_engine(export_dir, report, contract, model, wrapper, tokenizer, new_tokens, backends, failures)
+        stage("latency")
+        batch, seq = _default_shape(contract.task, batch or (report.get("latency") or {}).get("batch"),
+                                    seq or (report.get("latency") or {}).get("seq"))
+        report["latency"] = measure(backends, wrapper, contract, _vocab(model), batch=batch, seq=seq,
+                                    threads=threads, iters=iters)
+        if accuracy is not None:
+            metric, bound = opt.INT8_BOUNDS[contract.task]
+            quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": INT8_FILE,
+                                                    "kept": True, "bound": {"metric": metric, "min": bound}})
+            p50, fp32 = report["latency"]["onnxruntime_int8"]["p50_ms"], report["latency"]["onnxruntime"]["p50_ms"]
+            quant.update(accuracy=accuracy, p50_ms=p50, fp32_p50_ms=fp32, ratio_to_fp32=p50 / fp32,
+                         ratio_to_torch=p50 / report["latency"]["torch"]["p50_ms"],
+                         reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
+            if accuracy[metric] < bound:
+                failures.append(f"int8: {metric} {accuracy[metric]:.4f} below the bound {bound}")
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        write_report(export_dir, report)
+    finally:
+        stage.close()
+    if failures:
+        changed = report["source"].get("weights_changed_since_export")
+        raise ParityError("verification failed: " + "; ".join(failures), path=export_dir,
+                          hint="the source model's weights changed since export: re-export it" if changed else
+                          "re-export the model; see report.md for every output")
+    return Report(report, export_dir / "report.json")
+
+
+def _contract(session):
+    from hypermerge.export.tasks import contract_from_onnx
+
+    past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
+    return contract_from_onnx([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
+                              past[0] if past else None)
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _verify_engine(export_dir: Path, report: dict, contract, model, wrapper, tokenizer, new_tokens: int,
+                   backends: dict, failures: list) -> None:
+    section = report.setdefault("tensorrt", {})
+    try:
+        trt = trt_mod.require_tensorrt()
+    except HypermergeError as error:
+        section["reverified"] = f"no: {error.what}"
+        return
+    precision = section.get("precision", "fp16")
+    runner = trt_mod.TensorRTRunner(trt, export_dir / trt_mod.ENGINE_FILE, order=list(contract.outputs))
+    profile = section.get("profile")
+    shape_range = trt_mod.ShapeRange(*(trt_mod.ShapePoint(**profile[k]) for k in ("min", "opt", "max"))) \
+        if profile else trt_mod.parse_shapes(None, contract.task)
+    section["parity"] = check_parity(runner, model, wrapper, contract, backend=f"tensorrt:{precision}",
+                                     tolerance=TOLERANCES[precision], new_tokens=new_tokens, tokenizer=tokenizer,
+                                     cases=_cases_within(shape_range, contract.task))
+    section["reverified"] = "yes"
+    backends["tensorrt"] = runner
+    if not section["parity"]["passed"]:
+        failures.append(f"TensorRT: {failure_summary(section['parity'])}")

@@ -1,0 +1,132 @@
+"""report.json (the parity certificate and latency report) and its human form, report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+FORMAT = "hypermerge-export-report"
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    """Write both files, each replaced atomically (verify rewrites them in place)."""
+    for name, text in ((REPORT_JSON, json.dumps(report, indent=2) + "\n"), (REPORT_MD, to_markdown(report))):
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+
+
+def read_report(out_dir: Path) -> dict | None:
+    path = out_dir / REPORT_JSON
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _g(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2e}"
+
+
+def _case(case: dict) -> str:
+    text = f"{case['batch']}×{case['seq']}"
+    if case.get("past"):
+        text += f" past {case['past']}"
+    if case.get("pad"):
+        text += f" pad {case['pad']}"
+    return text
+
+
+def parity_table(parity: dict) -> list[str]:
+    """Per-output rows; a causal LM's present_* outputs are folded into one row (their worst)."""
+    lines = ["| output | max abs | mean abs | p99 abs | max rel | atol needed | atol allowed | ok |",
+             "|---|---|---|---|---|---|---|---|"]
+    outputs = parity["outputs"]
+    present = {name: s for name, s in outputs.items() if name.startswith("present_")}
+    rows = [(name, s) for name, s in outputs.items() if not name.startswith("present_")]
+    if present:
+        worst = max(present, key=lambda name: present[name]["max_abs"])
+        s = dict(present[worst])
+        s["passed"] = all(v["passed"] for v in present.values())
+        s["mean_abs"] = sum(v["mean_abs"] * v["elements"] for v in present.values()) / max(
+            sum(v["elements"] for v in present.values()), 1)
+        rows.append((f"present_* ({len(present)}, worst {worst})", s))
+    for name, s in rows:
+        lines.append(f"| {name} | {_g(s['max_abs'])} | {_g(s['mean_abs'])} | {_g(s['p99_abs'])} | {_g(s['max_rel'])} "
+                     f"| {_g(s['needed_atol'])} | {_g(s.get('atol_used'))} | {'yes' if s['passed'] else '**NO**'} |")
+    return lines
+
+
+def latency_table(latency: dict) -> list[str]:
+    backends = [key for key in latency if isinstance(latency[key], dict) and "p50_ms" in latency[key]]
+    lines = ["| backend | p50 ms | p90 ms | p99 ms | p50 vs torch |", "|---|---|---|---|---|"]
+    for name in backends:
+        s = latency[name]
+        ratio = "1.00×" if name == "torch" else f"{latency.get('ratio', {}).get(name, float('nan')):.2f}×"
+        label = "torch eager" if name == "torch" else name
+        lines.append(f"| {label} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {ratio} |")
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    """The report as a short markdown page (what the CLI prints after export / verify)."""
+    lines = [f"# hypermerge export report: {report.get('task')}", ""]
+    lines.append(f"- source: `{report.get('source', {}).get('path')}`")
+    lines.append(f"- model: `{report.get('model_file')}` (opset {report.get('opset')}, {report.get('exporter')})")
+    for key in ("inputs", "outputs"):
+        names = [entry["name"] for entry in report.get(key, [])]
+        shown = names if len(names) <= 7 else [*names[:5], f"… {len(names)} in all"]
+        lines.append(f"- {key}: {', '.join(shown)}")
+    if report.get("verified_at"):
+        lines.append(f"- verified: {report['verified_at']} with hypermerge {report.get('hypermerge')}")
+    parity = report.get("parity")
+    for title, section in (("onnxruntime", parity), ("TensorRT", (report.get("tensorrt") or {}).get("parity"))):
+        if not section:
+            continue
+        verdict = "PASSED" if section["passed"] else "FAILED"
+        tol = section["tolerance"]
+        lines += ["", f"## Parity, {title} ({section['backend']}): {verdict}", "",
+                  f"Tolerance |a − e| ≤ {tol['atol']:g}·max(1, max|e|) + {tol['rtol']:g}·|e| at valid positions; shapes "
+                  + ", ".join(_case(c) for c in section["shapes"]) + ".", ""]
+        lines += parity_table(section)
+        greedy = section.get("greedy_decode")
+        if greedy:
+            lines += ["", f"Greedy decode, {greedy['batch']} left-padded prompts (lengths "
+                      f"{greedy['prompt_lengths']}), {greedy['new_tokens']} tokens with the KV cache: "
+                      + ("identical to PyTorch generate." if greedy["match"] else
+                         f"**differs** from PyTorch generate at {greedy.get('first_mismatch')}.")]
+    if parity is None:
+        lines += ["", "## Parity: not checked (--no-verify); run `hypermerge verify` on this directory."]
+    latency = report.get("latency")
+    if latency:
+        lines += ["", f"## Latency: batch {latency['batch']} × seq {latency['seq']}, {latency['threads']} threads, "
+                  f"{latency['iterations']} interleaved runs", ""]
+        lines += latency_table(latency)
+        if "decode_step" in latency:
+            lines += ["", f"One decode step (1 new token on a cache of {latency['seq']}):", ""]
+            lines += latency_table(latency["decode_step"])
+    optimize = report.get("optimize")
+    if optimize:
+        fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
+        lines += ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
+                  f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
+                  "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
+                      optimize.get("parity_passed")]]
+    quant = report.get("quantized")
+    if quant:
+        metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
+        lines += ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
+                  f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
+                  f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
+                  f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
+    trt = report.get("tensorrt")
+    if trt:
+        lines += ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
+                  f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,227 @@
+"""``hm.OnnxModel``: the runtime for exported directories (used by verify, serve and users).
+
+    model = hm.OnnxModel.load("export-dir")             # provider="auto": TensorRT EP > CUDA EP > CPU
+    model.embed(["a sentence", ...])                     # feature-extraction: mean-pooled, L2-normalised
+    model.classify(["great film"])                       # sequence-classification: label + score
+    model.generate(["Once upon a time"], max_new_tokens=32)   # causal-lm: KV cache between steps
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hypermerge._fs import require_dir
+from hypermerge.errors import ConfigError, ExportError
+from hypermerge.export.ort import open_session, session_provider
+from hypermerge.export.tasks import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    SEQUENCE_CLASSIFICATION,
+    IOContract,
+    contract_from_onnx,
+)
+
+MODEL_FILE = "model.onnx"
+
+# feeds (contract input name -> array) -> outputs in the contract's order
+Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def positions(mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Position ids of the last ``new_tokens`` columns counting valid tokens only (HF generate's rule)."""
+    pos = np.cumsum(mask, axis=-1, dtype=np.int64) - 1
+    pos[mask == 0] = 1
+    return pos[:, -new_tokens:]
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """Mean over valid tokens, then L2 normalisation: sentence-transformers' pooling for MiniLM."""
+    weights = mask[..., None].astype(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
+    if normalize:
+        pooled = pooled / np.clip(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12, None)
+    return pooled
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    picks = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p)
+        cumulative = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+        kept = p[keep] / p[keep].sum()
+        picks[row] = keep[rng.choice(len(keep), p=kept)]
+    return picks
+
+
+def decode(run: Runner, contract: IOContract, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+           pad_token_id: int = 0, seed: int | None = None) -> np.ndarray:
+    """Generate with the KV cache: one prefill over the (left-padded) prompts, then one step per token.
+
+    Rows that produced ``eos_token_id`` get ``pad_token_id`` afterwards and decoding stops when all
+    rows are done (as transformers' ``generate``). Returns the new tokens, (batch, n ≤ max_new_tokens).
+    """
+    batch = input_ids.shape[0]
+    rng = np.random.default_rng(seed)
+    mask = attention_mask.astype(np.int64)
+    empty = np.zeros((batch, contract.kv_heads, 0, contract.head_dim), dtype=np.float32)
+    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask,
+             "position_ids": positions(mask, input_ids.shape[1]), **{name: empty for name in contract.past_names}}
+    finished = np.zeros(batch, dtype=bool)
+    tokens: list[np.ndarray] = []
+    for step in range(max_new_tokens):
+        outputs = run(feeds)
+        token = _pick(outputs[0][:, -1, :], temperature, top_p, rng)
+        if eos_token_id is not None:
+            token = np.where(finished, pad_token_id, token)
+            finished |= token == eos_token_id
+        tokens.append(token)
+        if step == max_new_tokens - 1 or finished.all():
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        feeds = {"input_ids": token[:, None].astype(np.int64), "attention_mask": mask,
+                 "position_ids": feeds["position_ids"][:, -1:] + 1,
+                 **dict(zip(contract.past_names, outputs[1:], strict=True))}
+    return np.stack(tokens, axis=1)
+
+
+class OnnxModel:
+    """An exported directory loaded for inference on ONNX Runtime.
+
+    Use :meth:`load`; then :meth:`embed`, :meth:`classify` or :meth:`generate` depending on the task.
+    """
+
+    def __init__(self, path: Path, session, contract: IOContract, tokenizer=None, config: dict | None = None):
+        self.path, self.session, self.contract = path, session, contract
+        self.tokenizer, self.config = tokenizer, config or {}
+
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None,
+             model_file: str = MODEL_FILE) -> OnnxModel:
+        """Open an exported directory.
+
+        Args:
+            path: a directory written by ``hypermerge export``.
+            provider: auto (TensorRT EP, then CUDA EP, then CPU: whichever onnxruntime offers), cpu,
+                cuda or tensorrt.
+            threads: intra-op threads (None: one per core).
+            model_file: ``model.onnx``, or ``model.int8.onnx`` where the int8 model was kept.
+
+        Raises:
+            CheckpointError: the directory does not exist.
+            ExportError: no loadable ONNX model in it.
+        """
+        path = require_dir(path, "exported model directory").absolute()
+        session = open_session(path / model_file, provider, threads)
+        past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
+        contract = contract_from_onnx([i.name for i in session.get_inputs()],
+                                      [o.name for o in session.get_outputs()], past[0] if past else None)
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        tokenizer = None
+        if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if contract.task == CAUSAL_LM:
+                tokenizer.padding_side = "left"  # new tokens go right after each prompt's last token
+                if tokenizer.pad_token is None:
+                    tokenizer.pad_token = tokenizer.eos_token
+        return cls(path, session, contract, tokenizer, config)
+
+    @property
+    def task(self) -> str:
+        return self.contract.task
+
+    @property
+    def provider(self) -> str:
+        return session_provider(self.session)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One forward pass; ``feeds`` by contract name, outputs in the contract's order."""
+        return self.session.run(list(self.contract.outputs), {k: v for k, v in feeds.items()
+                                                               if k in self.contract.inputs})
+
+    def _require(self, task: str, method: str) -> None:
+        if self.task != task:
+            raise ConfigError(f"{method}() needs a {task} export; this one is {self.task}", path=self.path,
+                              hint=f"export with --task {task}")
+        if self.tokenizer is None:
+            raise ExportError("the export has no tokenizer files", path=self.path,
+                              hint="export from a model directory that has its tokenizer")
+
+    def _encode(self, texts: Sequence[str], max_length: int | None) -> dict[str, np.ndarray]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feeds = {"input_ids": batch["input_ids"].astype(np.int64),
+                 "attention_mask": batch["attention_mask"].astype(np.int64)}
+        if "token_type_ids" in self.contract.inputs:
+            feeds["token_type_ids"] = batch.get("token_type_ids", np.zeros_like(feeds["input_ids"])).astype(np.int64)
+        return feeds
+
+    def embed(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = True,
+              max_length: int | None = 512) -> np.ndarray:
+        """Sentence embeddings: mean over valid tokens of ``last_hidden_state``, L2-normalised.
+
+        Returns:
+            float32 array (len(texts), hidden).
+        """
+        self._require(FEATURE_EXTRACTION, "embed")
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            feeds = self._encode(texts[start:start + batch_size], max_length)
+            chunks.append(mean_pool(self.run(feeds)[0], feeds["attention_mask"], normalize))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+    def classify(self, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = 512) -> list[dict]:
+        """Labels with softmax scores, like transformers' text-classification pipeline.
+
+        Returns:
+            One ``{"label", "score", "scores": {label: probability}}`` per text.
+        """
+        self._require(SEQUENCE_CLASSIFICATION, "classify")
+        id2label = {int(k): v for k, v in self.config.get("id2label", {}).items()}
+        results = []
+        for start in range(0, len(texts), batch_size):
+            logits = self.run(self._encode(texts[start:start + batch_size], max_length))[0].astype(np.float64)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            for row in probs:
+                labels = [id2label.get(i, f"LABEL_{i}") for i in range(len(row))]
+                best = int(row.argmax())
+                results.append({"label": labels[best], "score": float(row[best]),
+                                "scores": dict(zip(labels, map(float, row), strict=True))})
+        return results
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, *, seed: int | None = None, stop_at_eos: bool = True) -> list[str]:
+        """Continue each prompt (batched, left-padded), keeping the KV cache between steps.
+
+        Args:
+            temperature: 0 for greedy decoding, else sampling at this temperature.
+            top_p: nucleus sampling mass (with temperature > 0).
+            seed: for reproducible sampling.
+            stop_at_eos: a row stops at the tokenizer's end-of-sequence token.
+
+        Returns:
+            The generated continuation of each prompt (without the prompt).
+        """
+        self._require(CAUSAL_LM, "generate")
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        feeds = self._encode(prompts, None)
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        tokens = decode(self.run, self.contract, feeds["input_ids"], feeds["attention_mask"],
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
+                        pad_token_id=self.tokenizer.pad_token_id or 0, seed=seed)
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
