@@ -10,11 +10,14 @@
 from hypermerge._version import __version__
 from hypermerge.adapters import (
     METHODS,
+    AdaLoRAConfig,
     AdapterCheckpoint,
     AdapterConfig,
     AdapterLayer,
     AdapterMethod,
+    HyperAdaLoRAConfig,
     HyperAdaptConfig,
+    HyperLoRAConfig,
     LoRAConfig,
     adapter_layers,
     allocate_ranks,
@@ -26,6 +29,7 @@ from hypermerge.adapters import (
     read_adapter,
     regularization_loss,
     save_adapter,
+    set_total_steps,
     trainable_parameters,
 )
 from hypermerge.errors import (
@@ -42,6 +46,7 @@ from hypermerge.fold import FoldResult, fold_checkpoint
 from hypermerge.inspect import inspect_adapter
 
 __all__ = [
+    "AdaLoRAConfig", "HyperAdaLoRAConfig", "HyperLoRAConfig", "set_total_steps",
     "METHODS", "AdapterCheckpoint", "AdapterConfig", "AdapterLayer", "AdapterMethod", "AdapterMismatchError",
     "BackendUnavailableError", "CheckpointError", "ConfigError", "ExportError", "FoldResult", "HyperAdaptConfig",
     "HypermergeError", "LoRAConfig", "OutputExistsError", "ParityError", "__version__", "adapter_layers",
