@@ -12,6 +12,9 @@ Two phases: ``reduce`` (the budget falls and masks are recomputed every step: th
 most expensive mode) and ``final`` (allocation finished during warm-up: we compute at the kept
 ranks, PEFT keeps full-size matrices and re-applies its mask every step).
 
+``adalora-unshrunk`` is AdaLoRA with the final gather undone (full-size matrices, masked): the
+pair ``adalora:adalora-unshrunk`` in the final phase measures what shrinking the live modules saves.
+
 Each measurement runs in its own process (its peak RSS is the process's ``ru_maxrss``); pairs
 are run A B A B ... and the ratio is taken pair by pair, so a drift in machine speed cancels.
 Quote the median ratio.
@@ -57,11 +60,17 @@ def build(method: str, phase: str, warmup: int):
         def regulariser():
             return 0.0  # PEFT adds it to outputs.loss inside forward
     else:
-        hm.inject(model, method_config(method, init_r=12, target_r=8, total_steps=total, tinit=tinit, tfinal=tfinal,
-                                       delta_t=1, alpha=16))
+        # "adalora-unshrunk": AdaLoRA, but after the final allocation the layers keep computing
+        # at init_r with the mask (what not shrinking the live modules would cost).
+        unshrunk = method == "adalora-unshrunk"
+        hm.inject(model, method_config("adalora" if unshrunk else method, init_r=12, target_r=8, total_steps=total,
+                                       tinit=tinit, tfinal=tfinal, delta_t=1, alpha=16))
 
         def allocate(step: int) -> None:
             hm.allocate_ranks(model, step)
+            if unshrunk:
+                for layer in hm.adapter_layers(model).values():
+                    layer.kept = None
 
         def regulariser():
             return hm.regularization_loss(model)

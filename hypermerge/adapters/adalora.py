@@ -268,7 +268,9 @@ class AdaLoRA(AdapterMethod):
         config = next(iter(layers.values())).config
         if config.orth_reg_weight == 0:
             return None
-        pairs = [(layer.P, layer.Q) for layer in layers.values()]
+        # factors(): every component while ranks are being allocated (PEFT regularises masked
+        # ones too, they may come back), the kept ones once allocation is final.
+        pairs = [(P, Q) for P, _lam, Q in (layer.factors() for layer in layers.values())]
         return config.orth_reg_weight * orthogonality_loss(pairs)
 
     @classmethod

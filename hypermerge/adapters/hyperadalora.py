@@ -41,7 +41,7 @@ from hypermerge.adapters.hypernetwork import (
     ComponentHypernetwork,
     HyperLayerMixin,
     HypernetworkMethod,
-    _gradients,
+    generated_gradients,
     hyper_problems,
 )
 from hypermerge.errors import ConfigError
@@ -123,7 +123,7 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
     @classmethod
     def checkpoint_metadata(cls, model, layers) -> dict[str, Any]:
         ranks = cls.hypernetwork(model).kept_ranks()
-        return {"rank_pattern": dict(zip(layers, ranks, strict=True))}
+        return {**super().checkpoint_metadata(model, layers), "rank_pattern": dict(zip(layers, ranks, strict=True))}
 
     @classmethod
     def regularization_loss(cls, model, layers) -> torch.Tensor | None:
@@ -133,8 +133,7 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
         net = cls.hypernetwork(model)
         gen = net.generated()
         total = None
-        for kind in range(len(gen.cols)):
-            same = _block_mask(gen.slices, kind, gen.cols[kind].shape[0], gen.cols[kind].device)
+        for kind, same in enumerate(net.block_masks()):
             for stacked in (gen.cols[kind], gen.rows[kind]):
                 # Row j of ``stacked`` is P's column j (or Q's row j) of some matrix: the diagonal
                 # blocks of stacked · stackedᵀ are every matrix's PᵀP (QQᵀ), in one product.
@@ -163,7 +162,7 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
                                      delta_t=config.delta_t)
         if phase != ra.FINAL:
             gen = net._cache
-            grads = _gradients(gen) if gen is not None and gen.grad else None
+            grads = generated_gradients(gen) if gen is not None and gen.grad else None
             if grads is None:
                 raise ConfigError("allocate_ranks found no gradients of the generated P, Λ, Q",
                                   hint="call it after loss.backward() and optimizer.step(), before the next forward")
@@ -188,13 +187,3 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
             state.ema.reset()
             net.track_grads = False
             net.shrink()
-
-
-def _block_mask(slices: list[tuple[int, int, int]], kind: int, size: int, device) -> torch.Tensor:
-    """(size, size) float mask, 1 inside the diagonal block of each matrix of ``kind``."""
-    block = torch.full((size,), -1, dtype=torch.long)
-    for index, (k, start, stop) in enumerate(slices):
-        if k == kind:
-            block[start:stop] = index
-    block = block.to(device)
-    return (block[:, None] == block[None, :]).float()

@@ -189,6 +189,13 @@ class ComponentHypernetwork(nn.Module):
         self.track_grads = False  # retain gradients of generated tensors (the allocator reads them)
         self._cache: Generated | None = None
 
+    def __getstate__(self) -> dict:
+        # The cache may hold tensors of a live autograd graph, which can be neither pickled nor
+        # deep-copied; it is rebuilt on first use.
+        state = dict(super().__getstate__())
+        state["_cache"] = None
+        return state
+
     # -- generation --------------------------------------------------------------------------
     def _versions(self) -> tuple:
         return tuple((p._version, p.data_ptr()) for p in self.parameters()) + (self.shrunk,)
@@ -212,7 +219,7 @@ class ComponentHypernetwork(nn.Module):
                 and self.tokens.grad is not None and bool(self.tokens.grad.any())):
             # A second micro-batch before the optimizer step (parameter gradients not zeroed):
             # keep the generated tensors' gradients so far, as parameter gradients accumulate.
-            carried = _gradients(cache)
+            carried = generated_gradients(cache)
         self._cache = self._generate(grad, versions)
         self._cache.carried = carried
         return self._cache
@@ -278,6 +285,22 @@ class ComponentHypernetwork(nn.Module):
         self.shrunk = True
         self.invalidate()
 
+    def block_masks(self) -> list[torch.Tensor]:
+        """Per kind, (R, R) float: 1 where two generated rows belong to the same matrix."""
+        key = (self.shrunk, self.tokens.device)
+        if getattr(self, "_block_key", None) != key:
+            slices = self._shrunk_slices if self.shrunk else self.matrix_slot
+            masks = []
+            for kind, (start, stop) in enumerate(self.kind_bounds):
+                size = int(self.mask[start:stop].sum()) if self.shrunk else stop - start
+                block = torch.full((size,), -1, dtype=torch.long)
+                for index, (k, first, last) in enumerate(slices):
+                    if k == kind:
+                        block[first:last] = index
+                masks.append((block[:, None] == block[None, :]).float().to(self.tokens.device))
+            self._block_masks, self._block_key = masks, key
+        return self._block_masks
+
     def kind_masks(self) -> list[torch.Tensor]:
         return [self.mask[start:stop] for start, stop in self.kind_bounds]
 
@@ -292,7 +315,7 @@ def _mark_consumed(result: Generated):
     return hook
 
 
-def _gradients(gen: Generated) -> list[torch.Tensor] | None:
+def generated_gradients(gen: Generated) -> list[torch.Tensor] | None:
     """Gradients of the tracked generated tensors (plus any carried ones), or None if absent."""
     if gen.scalars is None:
         return None
@@ -400,6 +423,12 @@ class HypernetworkMethod:
     def detach(cls, model: nn.Module) -> None:
         if hasattr(model, cls.attr()):
             delattr(model, cls.attr())
+
+    @classmethod
+    def checkpoint_metadata(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        # What was trained is the hypernetwork (and any module trained in full), not the
+        # materialised factors the checkpoint also holds.
+        return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
     @classmethod
     def model_tensors(cls, model: nn.Module) -> dict[str, torch.Tensor]:

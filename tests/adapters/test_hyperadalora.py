@@ -81,9 +81,9 @@ def test_gradient_accumulation_sums_the_generated_gradients():
         model.zero_grad()
     for ids in batches:
         model(input_ids=ids, labels=ids).loss.backward()
-    from hypermerge.adapters.hypernetwork import _gradients
+    from hypermerge.adapters.hypernetwork import generated_gradients
 
-    accumulated = _gradients(net._cache)
+    accumulated = generated_gradients(net._cache)
     for total, first, second in zip(accumulated, *single, strict=True):
         torch.testing.assert_close(total, first + second)
 
@@ -187,6 +187,8 @@ def test_loading_checks_the_hypernetwork_against_the_saved_factors(tmp_path):
         for head in _net(model).scalar_heads:
             head.weight.normal_(std=0.1)
     hm.save_adapter(model, tmp_path / "adapter", base_model=base)
+    # what was trained is the hypernetwork, not the materialised factors saved beside it
+    assert hm.inspect_adapter(tmp_path / "adapter")["trainable_parameters"] == hm.trainable_parameters(model)
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     key = next(k for k in tensors if k.endswith("::hyperadalora.P"))
@@ -250,3 +252,17 @@ def test_hyperlora_trains(tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_a_model_mid_step_can_be_deep_copied():
+    import copy
+
+    model = hm.inject(tiny_model("llama"), hm.HyperAdaLoRAConfig(init_r=3, target_r=2, **SMALL))
+    model.train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss  # a live graph in the cache
+    twin = copy.deepcopy(model)
+    model.eval(), twin.eval()
+    assert loss.requires_grad
+    torch.testing.assert_close(model_output(twin, sample_inputs()), model_output(model, sample_inputs()))
+    assert _net(twin) is hm.adapter_layers(twin)[next(iter(hm.adapter_layers(twin)))].hypernetwork
