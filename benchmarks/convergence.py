@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--hyper-dim", type=int, default=64)
     parser.add_argument("--hyper-depth", type=int, default=2)
     parser.add_argument("--hyper-heads", type=int, default=4)
-    parser.add_argument("--readout-exp", type=float, default=1.0,
-                        help="design variant: multiply the generated values by hyper_dim^-e (library: e = 1)")
+    parser.add_argument("--readout-exp", type=float, default=0.5,
+                        help="design variant: multiply the generated values by hyper_dim^-e (library: e = 0.5)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default=None, help="name of this variant in the analysis (default: the method)")
     parser.add_argument("--out", type=Path, required=True)
@@ -61,7 +61,7 @@ def main() -> None:
                            tinit=tinit, tfinal=tfinal, delta_t=args.delta_t, alpha=args.alpha, hyper=hyper)
     torch.manual_seed(args.seed + 1000)  # the adapter's initialisation
     hm.inject(model, config)
-    if args.method.startswith("hyper") and args.readout_exp != 1.0:
+    if args.method.startswith("hyper") and args.readout_exp != 0.5:
         _set_readout(model, args.method, args.readout_exp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -102,7 +102,7 @@ def main() -> None:
 
 
 def _set_readout(model: torch.nn.Module, method: str, exponent: float) -> None:
-    """Design variant: readout d^-e instead of 1/d, head weights rescaled so the initial outputs are unchanged."""
+    """Design variant: readout d^-e instead of 1/sqrt(d), head weights rescaled so the initial outputs are unchanged."""
     net = getattr(model, f"{method}_hypernetwork")
     dim = net.tokens.shape[1]
     new = dim ** -exponent

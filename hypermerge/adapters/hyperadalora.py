@@ -77,7 +77,7 @@ class HyperAdaLoRALayer(HyperLayerMixin, AdaLoRALayer):
     @property
     def rank(self) -> int:
         if self.attached:
-            return self.hypernetwork.kept_ranks()[self.index]
+            return self.hypernetwork.kept_rank(self.index)
         return super().rank
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

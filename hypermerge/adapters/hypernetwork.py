@@ -21,10 +21,11 @@ an attention-based hypernetwork. The paper publishes no code; this is our design
   with the number of layers: for a 32-layer model the count grows by the tokens only.
 * Identity at init: the λ head (HyperAdaLoRA) or the column head (HyperLoRA, where it makes B)
   starts at zero, the other heads give N(0, 0.02)-sized factors like AdaLoRA's initialisation.
-* Readout 1/d: the heads' outputs are multiplied by 1/d (weights start at 0.02·sqrt(d)), so one
-  Adam step moves a generated value by about the learning rate, as it moves AdaLoRA's parameters.
-  Without it a step moves it by ~d·lr: the hypernetwork was a much larger learning rate in
-  disguise, unstable where AdaLoRA is not (benchmarks/RESULTS.md measures the variants).
+* Readout 1/sqrt(d): the heads' outputs are multiplied by 1/sqrt(d) (weights start at 0.02), so
+  one Adam step moves a generated value by up to ~sqrt(d)·lr, shared by every matrix of a kind.
+  Measured variants (benchmarks/RESULTS.md): 1/d (steps of ~lr, like AdaLoRA's parameters) stayed
+  on the initial loss plateau for all 300 steps; no multiplier (~d·lr) was unstable in a small
+  trial (tiny Llama, lr 1e-2).
 
 Cost: one batched forward per training step, not per layer call. The first adapted layer to run
 generates every matrix's factors; the rest read the cache. The cache is kept while the
@@ -167,18 +168,19 @@ class ComponentHypernetwork(nn.Module):
         out_dims = [next(s.out_features for s in specs if s.kind == k) for k in self.kinds]
         in_dims = [next(s.in_features for s in specs if s.kind == k) for k in self.kinds]
         # Heads have no bias (it would be one offset shared by every matrix of a kind) and their
-        # output is multiplied by 1/d: an Adam step of ~lr on every head weight then moves each
-        # generated value by ~lr (sum over d coherent steps, times 1/d), as AdaLoRA's direct
-        # parameters move, instead of ~d·lr, which made the hypernetwork a much larger learning
-        # rate in disguise (unstable where AdaLoRA is not). The weights start at 0.02·sqrt(d) so the
-        # generated entries start at std 0.02, AdaLoRA's initialisation.
-        self.readout = 1.0 / dim
+        # output is multiplied by 1/sqrt(d), weights starting at 0.02 so the generated entries start
+        # at std 0.02 (AdaLoRA's initialisation). One Adam step (~lr on every head weight) then
+        # moves a generated value by up to ~sqrt(d)·lr, coherently for every matrix of a kind.
+        # Measured on MiniLM (benchmarks/RESULTS.md): a 1/d readout (steps of ~lr, AdaLoRA's)
+        # never left the initial plateau in 300 steps; no readout (~d·lr) diverged at lr 1e-2 on a
+        # tiny Llama where AdaLoRA did not.
+        self.readout = 1.0 / math.sqrt(dim)
         self.col_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in out_dims)
         self.row_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in in_dims)
         self.scalar_heads = nn.ModuleList(nn.Linear(dim, 1, bias=False) for _ in self.kinds) if scalar else None
         with torch.no_grad():
             for head in [*self.col_heads, *self.row_heads]:
-                nn.init.normal_(head.weight, std=INIT_STD * math.sqrt(dim))
+                nn.init.normal_(head.weight, std=INIT_STD)
             for head in self.scalar_heads if zero_head == "scalar" else self.col_heads:
                 nn.init.zeros_(head.weight)
         # Keep-mask over tokens (rank allocation); True = kept. ``shrunk`` once allocation is final:
@@ -261,13 +263,14 @@ class ComponentHypernetwork(nn.Module):
         self._cache = None
 
     # -- rank allocation support ------------------------------------------------------------------
+    def kept_rank(self, m: int) -> int:
+        kind, start, stop = self.matrix_slot[m]
+        offset = self.kind_bounds[kind][0]
+        return int(self.mask[offset + start:offset + stop].sum())
+
     def kept_ranks(self) -> list[int]:
         """Kept components per matrix, in spec order."""
-        out = []
-        for kind, start, stop in self.matrix_slot:
-            offset = self.kind_bounds[kind][0]
-            out.append(int(self.mask[offset + start:offset + stop].sum()))
-        return out
+        return [self.kept_rank(m) for m in range(len(self.specs))]
 
     def shrink(self) -> None:
         """Allocation is final: from now on generate only the kept components.
