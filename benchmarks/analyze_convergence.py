@@ -107,11 +107,23 @@ def main() -> None:
     parser.add_argument("--baseline", default="adalora")
     parser.add_argument("--method", default="hyperadalora")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--thresholds", default="0.6,0.5", help="also report the first step at or below these losses")
     parser.add_argument("--title", default="all-MiniLM-L6-v2, movie-review sentiment")
     args = parser.parse_args()
     runs = load(args.runs)
     rows, summary = analyze(runs, args.baseline, args.method)
     print(markdown(rows, summary, args.baseline, args.method))
+    print("\n| seed | " + " | ".join(f"steps to eval loss <= {t} ({args.baseline} / {args.method})"
+                                    for t in args.thresholds.split(",")) + " |")
+    print("|---|" + "---|" * len(args.thresholds.split(",")))
+    for (name, seed), record in sorted(runs.items()):
+        if name != args.baseline or (args.method, seed) not in runs:
+            continue
+        cells = []
+        for threshold in (float(t) for t in args.thresholds.split(",")):
+            reach = [first_reach(r["evals"], threshold) for r in (record, runs[(args.method, seed)])]
+            cells.append(" / ".join(str(p["step"]) if p else "–" for p in reach))
+        print(f"| {seed} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(runs, sorted({name for name, _ in runs}, key=lambda m: (m != args.baseline, m)), args.plot, args.title)
 
