@@ -12,12 +12,15 @@
 from hypermerge._version import __version__
 from hypermerge.adapters import (
     METHODS,
+    AdaLoRAConfig,
     AdapterCheckpoint,
     AdapterConfig,
     AdapterLayer,
     AdapterMethod,
     DoRAConfig,
+    HyperAdaLoRAConfig,
     HyperAdaptConfig,
+    HyperLoRAConfig,
     IA3Config,
     LoRAConfig,
     adapter_layers,
@@ -30,6 +33,7 @@ from hypermerge.adapters import (
     read_adapter,
     regularization_loss,
     save_adapter,
+    set_total_steps,
     trainable_parameters,
 )
 from hypermerge.errors import (
@@ -48,6 +52,7 @@ from hypermerge.inspect import inspect_adapter
 
 __all__ = [
     "__version__",
+    "AdaLoRAConfig",
     "adapter_layers",
     "AdapterCheckpoint",
     "AdapterConfig",
@@ -66,7 +71,9 @@ __all__ = [
     "fold_model",
     "FoldResult",
     "get_method",
+    "HyperAdaLoRAConfig",
     "HyperAdaptConfig",
+    "HyperLoRAConfig",
     "HypermergeError",
     "IA3Config",
     "inject",
@@ -82,6 +89,7 @@ __all__ = [
     "regularization_loss",
     "Report",
     "save_adapter",
+    "set_total_steps",
     "trainable_parameters",
     "verify_export",
 ]

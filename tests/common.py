@@ -86,6 +86,12 @@ TEST_CONFIGS = {
     "dora": lambda: hm.DoRAConfig(r=4, alpha=8),
     # Some targets of every architecture scale their input, the others their output (and bias).
     "ia3": lambda: hm.IA3Config(feedforward_modules=("down_proj", "fc2", "mlp.c_proj", "output.dense")),
+    "adalora": lambda: hm.AdaLoRAConfig(init_r=4, target_r=2, total_steps=20, alpha=4),
+    # perturb_adapter's 0.2·N(0, 1) moves a generated λ by ~0.2·sqrt(d)/d (readout 1/d): a larger
+    # alpha makes that a visible change of the output.
+    "hyperadalora": lambda: hm.HyperAdaLoRAConfig(init_r=4, target_r=2, total_steps=20, alpha=32, hyper_dim=16,
+                                                  hyper_heads=2),
+    "hyperlora": lambda: hm.HyperLoRAConfig(r=4, alpha=8, hyper_dim=16, hyper_heads=2),
 }
 
 

@@ -89,6 +89,11 @@ class AdapterCheckpoint:
         return self.metadata.get("rank_pattern")
 
     def trainable_parameters(self) -> int:
+        # A method may record its own count (a hypernetwork's checkpoint also holds the factors
+        # it generated, which are not trained); otherwise every saved value was trained.
+        recorded = self.metadata.get("trainable_parameters")
+        if isinstance(recorded, int):
+            return recorded
         return sum(t.numel() for t in self.tensors().values())
 
 

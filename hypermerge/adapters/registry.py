@@ -5,16 +5,19 @@ Adding a method: write ``adapters/<name>.py`` (see docs/adding_an_adapter.md) an
 
 from __future__ import annotations
 
+from hypermerge.adapters.adalora import AdaLoRA
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.dora import DoRA
+from hypermerge.adapters.hyperadalora import HyperAdaLoRA
 from hypermerge.adapters.hyperadapt import HyperAdapt
+from hypermerge.adapters.hyperlora import HyperLoRA
 from hypermerge.adapters.ia3 import IA3
 from hypermerge.adapters.lora import LoRA
 from hypermerge.errors import ConfigError
 
 METHODS: dict[str, type[AdapterMethod]] = {
     method.name: method
-    for method in (HyperAdapt, LoRA, DoRA, IA3)
+    for method in (HyperAdapt, LoRA, DoRA, IA3, AdaLoRA, HyperAdaLoRA, HyperLoRA)
 }
 
 

@@ -1,0 +1,501 @@
+"""The attention hypernetwork that generates every adapted matrix's low-rank factors.
+
+HyperAdaLoRA (arXiv 2510.02630, section 3) replaces AdaLoRA's trainable P, Λ, Q by the outputs of
+an attention-based hypernetwork. The paper publishes no code; this is our design (DESIGN.md):
+
+    token[m, i] = t[m, i] + E_layer[layer(m)] + E_type[type(m)] + E_rank[i]      (d,) per (matrix m, component i)
+    H = LN(Encoder(tokens))                     depth x pre-LN blocks: multi-head self-attention over ALL
+                                                n·r tokens at once, then a GELU MLP (d -> 2d -> d)
+    P[:, i] = Head_P[type](H[m, i])             (out,)  one linear head per module type
+    Q[i, :] = Head_Q[type](H[m, i])             (in,)
+    λ_i     = Head_λ[type](H[m, i])             scalar (HyperAdaLoRA only)
+
+* ``type`` is the module's place in its block (``self_attn.q_proj``, ``mlp.down_proj``) plus its
+  shape; ``layer`` is the block index. Attention lets rank components, matrices and layers share
+  information, and the heads are shared by every layer, which is what the paper credits for the
+  faster convergence; the parameter count barely grows with depth.
+* Parameters: ``n·r·d`` tokens + ``(L + K + r)·d`` embeddings + ``depth·(8d² + 11d) + 2d`` encoder
+  + ``d · Σ_kinds (out + in + 1)`` heads (n matrices, K module kinds, L layers; heads have no bias).
+  For all-MiniLM-L6-v2 (n = 36, K = 6, r = 12, d = 64, depth 2): 27,648 + 1,536 + 67,072 + 442,752
+  = 539,008 values, against AdaLoRA's 498,096 at init_r = 12. The heads dominate and do not grow
+  with the number of layers: for a 32-layer model the count grows by the tokens only.
+* Identity at init: the λ head (HyperAdaLoRA) or the column head (HyperLoRA, where it makes B)
+  starts at zero, the other heads give N(0, 0.02)-sized factors like AdaLoRA's initialisation.
+* Readout 1/sqrt(d): the heads' outputs are multiplied by 1/sqrt(d) (weights start at 0.02), so
+  one Adam step moves a generated value by up to ~sqrt(d)·lr, shared by every matrix of a kind.
+  Measured variants (benchmarks/RESULTS.md): 1/d (steps of ~lr, like AdaLoRA's parameters) stayed
+  on the initial loss plateau for all 300 steps; no multiplier (~d·lr) was unstable in a small
+  trial (tiny Llama, lr 1e-2).
+
+Cost: one batched forward per training step, not per layer call. The first adapted layer to run
+generates every matrix's factors; the rest read the cache. The cache is kept while the
+hypernetwork's parameters are unchanged (their version counters) and, when gradients are being
+recorded, until a backward pass has gone through it (a hook on the encoder output); in eval it
+lasts until the parameters change. Gradient accumulation is handled: when a backward consumed the
+cache but the parameters did not change, the gradients of the generated tensors are carried over,
+so the rank allocator sees the whole batch's gradient as PEFT's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer
+from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError
+
+INIT_STD = 0.02
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixSpec:
+    """One adapted matrix as the hypernetwork sees it."""
+
+    name: str  # base weight name
+    out_features: int
+    in_features: int
+    layer: str  # block index as text ("" outside block stacks)
+    kind: str  # position inside the block + shape: "self_attn.q_proj:32x32"
+
+
+def matrix_spec(name: str, out_features: int, in_features: int) -> MatrixSpec:
+    """Split ``model.layers.3.self_attn.q_proj.weight`` into layer "3" and kind "self_attn.q_proj:OUTxIN"."""
+    module = name.removesuffix(".weight")
+    match = _LAYER_INDEX.search(module + ".")
+    if match is None:
+        layer, position = "", module
+    else:
+        layer, position = match.group(1), module[match.end():]
+    return MatrixSpec(name, out_features, in_features, layer, f"{position}:{out_features}x{in_features}")
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer encoder block (no dropout: the generated weights must be deterministic)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, dim)
+        tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(tokens, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)  # (heads, tokens, dim/heads)
+        x = x + self.proj(attended.transpose(0, 1).reshape(tokens, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclasses.dataclass
+class Generated:
+    """One generation: per module kind, the stacked factors of its matrices' components."""
+
+    cols: list[torch.Tensor]  # per kind (R_k, out): row j is a P column / B column
+    rows: list[torch.Tensor]  # per kind (R_k, in): row j is a Q row / A row
+    scalars: list[torch.Tensor] | None  # per kind (R_k,): λ as used (mask applied)
+    raw_scalars: list[torch.Tensor] | None  # per kind (R_k,): λ before the mask
+    slices: list[tuple[int, int, int]]  # per matrix: (kind, start, stop) into the kind's rows
+    versions: tuple
+    grad: bool
+    consumed: bool = False
+    carried: list[torch.Tensor] | None = None  # gradients carried over from consumed generations
+
+    def tracked(self) -> list[torch.Tensor]:
+        """The tensors whose gradients the rank allocator reads, grouped (P, λ, Q) per kind."""
+        out = []
+        for kind in range(len(self.cols)):
+            out += [self.cols[kind], self.scalars[kind], self.rows[kind]]
+        return out
+
+
+class ComponentHypernetwork(nn.Module):
+    """Generates ``rank`` components (a column, a row, optionally a scalar) for each matrix.
+
+    Args:
+        specs: the adapted matrices, in the order of the model's adapter layers.
+        rank: components per matrix (AdaLoRA's init_r, LoRA's r).
+        dim, depth, heads: width, number of encoder blocks, attention heads.
+        scalar: generate a scalar per component (HyperAdaLoRA's λ).
+        zero_head: "scalar" or "cols": which head starts at zero (so the adapter starts as the identity).
+    """
+
+    def __init__(self, specs: list[MatrixSpec], rank: int, *, dim: int, depth: int, heads: int, scalar: bool,
+                 zero_head: str):
+        super().__init__()
+        self.specs = list(specs)
+        self.rank = rank
+        self.kinds = list(dict.fromkeys(spec.kind for spec in specs))
+        layers = list(dict.fromkeys(spec.layer for spec in specs))
+        kind_index = {k: i for i, k in enumerate(self.kinds)}
+        layer_index = {k: i for i, k in enumerate(layers)}
+        # Tokens are ordered kind by kind, so each kind's heads read one contiguous slice.
+        order = sorted(range(len(specs)), key=lambda m: kind_index[specs[m].kind])
+        token_matrix, self.kind_bounds, self.matrix_slot = [], [], [None] * len(specs)
+        for kind in range(len(self.kinds)):
+            start = len(token_matrix) * rank
+            members = [m for m in order if kind_index[specs[m].kind] == kind]
+            for position, m in enumerate(members):
+                self.matrix_slot[m] = (kind, position * rank, (position + 1) * rank)
+            token_matrix += members
+            self.kind_bounds.append((start, len(token_matrix) * rank))
+        n_tokens = len(specs) * rank
+        matrix_of_token = torch.tensor(token_matrix).repeat_interleave(rank)
+        self.register_buffer("token_layer", torch.tensor([layer_index[specs[m].layer] for m in token_matrix])
+                             .repeat_interleave(rank), persistent=False)
+        self.register_buffer("token_kind", torch.tensor([kind_index[specs[m].kind] for m in token_matrix])
+                             .repeat_interleave(rank), persistent=False)
+        self.register_buffer("token_rank", torch.arange(rank).repeat(len(specs)), persistent=False)
+        self.register_buffer("token_matrix", matrix_of_token, persistent=False)
+
+        # Unit-scale tokens and embeddings: an Adam step (~lr per value) then turns the normalised
+        # hidden states by ~lr, not by lr / 0.02 as with small initial values.
+        self.tokens = nn.Parameter(torch.randn(n_tokens, dim))
+        self.layer_embed = nn.Parameter(torch.randn(len(layers), dim))
+        self.kind_embed = nn.Parameter(torch.randn(len(self.kinds), dim))
+        self.rank_embed = nn.Parameter(torch.randn(rank, dim))
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        out_dims = [next(s.out_features for s in specs if s.kind == k) for k in self.kinds]
+        in_dims = [next(s.in_features for s in specs if s.kind == k) for k in self.kinds]
+        # Heads have no bias (it would be one offset shared by every matrix of a kind) and their
+        # output is multiplied by 1/sqrt(d), weights starting at 0.02 so the generated entries start
+        # at std 0.02 (AdaLoRA's initialisation). One Adam step (~lr on every head weight) then
+        # moves a generated value by up to ~sqrt(d)·lr, coherently for every matrix of a kind.
+        # Measured on MiniLM (benchmarks/RESULTS.md): a 1/d readout (steps of ~lr, AdaLoRA's)
+        # never left the initial plateau in 300 steps; no readout (~d·lr) diverged at lr 1e-2 on a
+        # tiny Llama where AdaLoRA did not.
+        self.readout = 1.0 / math.sqrt(dim)
+        self.col_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in out_dims)
+        self.row_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in in_dims)
+        self.scalar_heads = nn.ModuleList(nn.Linear(dim, 1, bias=False) for _ in self.kinds) if scalar else None
+        with torch.no_grad():
+            for head in [*self.col_heads, *self.row_heads]:
+                nn.init.normal_(head.weight, std=INIT_STD)
+            for head in self.scalar_heads if zero_head == "scalar" else self.col_heads:
+                nn.init.zeros_(head.weight)
+        # Keep-mask over tokens (rank allocation); True = kept. ``shrunk`` once allocation is final:
+        # heads then run on kept tokens only and matrices get only their kept components.
+        self.register_buffer("mask", torch.ones(n_tokens, dtype=torch.bool))
+        self.shrunk = False
+        self._shrunk_slices: list[tuple[int, int, int]] | None = None
+        self.track_grads = False  # retain gradients of generated tensors (the allocator reads them)
+        self._cache: Generated | None = None
+
+    def __getstate__(self) -> dict:
+        # The cache may hold tensors of a live autograd graph, which can be neither pickled nor
+        # deep-copied; it is rebuilt on first use.
+        state = dict(super().__getstate__())
+        state["_cache"] = None
+        return state
+
+    # -- generation --------------------------------------------------------------------------
+    def _versions(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self.parameters()) + (self.shrunk,)
+
+    def encode(self) -> torch.Tensor:
+        x = (self.tokens + self.layer_embed[self.token_layer] + self.kind_embed[self.token_kind]
+             + self.rank_embed[self.token_rank])
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (n·r, d)
+
+    def generated(self) -> Generated:
+        """The factors for the current parameters, generated at most once per step (see module doc)."""
+        grad = torch.is_grad_enabled() and self.tokens.requires_grad
+        versions = self._versions()
+        cache = self._cache
+        if cache is not None and cache.versions == versions and cache.grad == grad and not cache.consumed:
+            return cache
+        carried = None
+        if (cache is not None and cache.consumed and cache.versions == versions and cache.grad and grad
+                and self.tokens.grad is not None and bool(self.tokens.grad.any())):
+            # A second micro-batch before the optimizer step (parameter gradients not zeroed):
+            # keep the generated tensors' gradients so far, as parameter gradients accumulate.
+            carried = generated_gradients(cache)
+        self._cache = self._generate(grad, versions)
+        self._cache.carried = carried
+        return self._cache
+
+    def _generate(self, grad: bool, versions: tuple) -> Generated:
+        hidden = self.encode()
+        cols, rows, scalars, raw_scalars = [], [], [], []
+        for kind, (start, stop) in enumerate(self.kind_bounds):
+            h = hidden[start:stop]
+            keep = self.mask[start:stop]
+            if self.shrunk:
+                h = h[keep]
+            cols.append(self.col_heads[kind](h) * self.readout)
+            rows.append(self.row_heads[kind](h) * self.readout)
+            if self.scalar_heads is not None:
+                raw = self.scalar_heads[kind](h).squeeze(-1) * self.readout
+                raw_scalars.append(raw)
+                scalars.append(raw if self.shrunk else raw * keep)
+        slices = self._shrunk_slices if self.shrunk else self.matrix_slot
+        result = Generated(cols, rows, scalars if self.scalar_heads is not None else None,
+                           raw_scalars if self.scalar_heads is not None else None, slices, versions, grad)
+        if grad:
+            hidden.register_hook(_mark_consumed(result))
+            if self.track_grads:
+                for tensor in result.tracked():
+                    tensor.retain_grad()
+        return result
+
+    def factors(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(column factor (out, r_m), row factor (r_m, in), scalars (r_m,) or None) of matrix ``m``."""
+        gen = self.generated()
+        kind, start, stop = gen.slices[m]
+        cols = gen.cols[kind][start:stop].t()  # (out, r_m)
+        rows = gen.rows[kind][start:stop]  # (r_m, in)
+        scalars = gen.scalars[kind][start:stop] if gen.scalars is not None else None
+        return cols, rows, scalars
+
+    def invalidate(self) -> None:
+        self._cache = None
+
+    # -- rank allocation support ------------------------------------------------------------------
+    def kept_rank(self, m: int) -> int:
+        kind, start, stop = self.matrix_slot[m]
+        offset = self.kind_bounds[kind][0]
+        return int(self.mask[offset + start:offset + stop].sum())
+
+    def kept_ranks(self) -> list[int]:
+        """Kept components per matrix, in spec order."""
+        return [self.kept_rank(m) for m in range(len(self.specs))]
+
+    def shrink(self) -> None:
+        """Allocation is final: from now on generate only the kept components.
+
+        The encoder still runs on every token (kept components attend to pruned ones, and the
+        generated values must not change); the heads run on kept tokens only.
+        """
+        slices = []
+        for kind, start, stop in self.matrix_slot:
+            offset = self.kind_bounds[kind][0]
+            kept_before = int(self.mask[offset:offset + start].sum())
+            count = int(self.mask[offset + start:offset + stop].sum())
+            slices.append((kind, kept_before, kept_before + count))
+        self._shrunk_slices = slices
+        self.shrunk = True
+        self.invalidate()
+
+    def block_masks(self) -> list[torch.Tensor]:
+        """Per kind, (R, R) float: 1 where two generated rows belong to the same matrix."""
+        key = (self.shrunk, self.tokens.device)
+        if getattr(self, "_block_key", None) != key:
+            slices = self._shrunk_slices if self.shrunk else self.matrix_slot
+            masks = []
+            for kind, (start, stop) in enumerate(self.kind_bounds):
+                size = int(self.mask[start:stop].sum()) if self.shrunk else stop - start
+                block = torch.full((size,), -1, dtype=torch.long)
+                for index, (k, first, last) in enumerate(slices):
+                    if k == kind:
+                        block[first:last] = index
+                masks.append((block[:, None] == block[None, :]).float().to(self.tokens.device))
+            self._block_masks, self._block_key = masks, key
+        return self._block_masks
+
+    def kind_masks(self) -> list[torch.Tensor]:
+        return [self.mask[start:stop] for start, stop in self.kind_bounds]
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _mark_consumed(result: Generated):
+    def hook(grad: torch.Tensor) -> None:
+        result.consumed = True
+
+    return hook
+
+
+def generated_gradients(gen: Generated) -> list[torch.Tensor] | None:
+    """Gradients of the tracked generated tensors (plus any carried ones), or None if absent."""
+    if gen.scalars is None:
+        return None
+    grads = [t.grad for t in gen.tracked()]
+    if any(g is None for g in grads):
+        return gen.carried
+    if gen.carried is not None:
+        grads = [g + c for g, c in zip(grads, gen.carried, strict=True)]
+    return grads
+
+
+# -- what HyperAdaLoRA and HyperLoRA share ------------------------------------------------------
+
+
+def hyper_problems(config: AdapterConfig) -> list[str]:
+    problems = []
+    for name in ("hyper_dim", "hyper_depth", "hyper_heads"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "hyper_depth" else 1):
+            problems.append(f"{name} must be a {'non-negative' if name == 'hyper_depth' else 'positive'} "
+                            f"integer, got {value!r}")
+    if not problems and config.hyper_dim % config.hyper_heads:
+        problems.append(f"hyper_dim ({config.hyper_dim}) must be divisible by hyper_heads ({config.hyper_heads})")
+    return problems
+
+
+class HyperLayerMixin:
+    """A layer whose factors come from the model's hypernetwork once attached.
+
+    Before ``attach`` (a layer built on its own, as the property tests do) it keeps its own
+    parameters and behaves like the plain method; attached, it owns no parameters.
+    """
+
+    FACTOR_NAMES: ClassVar[tuple[str, ...]]  # attributes holding the factors while not attached
+    FACTOR_KEYS: ClassVar[tuple[str, ...]]  # their names in checkpoints
+
+    def attach(self, net: ComponentHypernetwork, index: int) -> None:
+        for name in self.FACTOR_NAMES:
+            delattr(self, name)
+        # A plain attribute, not a submodule: the hypernetwork belongs to the model, once.
+        self.__dict__["hypernetwork"] = net
+        self.index = index
+        self._expected: dict[str, torch.Tensor] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return "hypernetwork" in self.__dict__
+
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not self.attached:
+            return super().load_adapter_tensors(tensors)
+        # The hypernetwork is restored afterwards (load_model_tensors); keep the saved factors
+        # to check that it reproduces them.
+        unexpected = sorted(set(tensors) - set(self.FACTOR_KEYS))
+        missing = sorted(set(self.FACTOR_KEYS) - set(tensors))
+        if missing or unexpected:
+            raise AdapterMismatchError(
+                f"{self.weight_name}: adapter tensors differ (missing {missing}, unexpected {unexpected})",
+                hint="the checkpoint was written by another method or version")
+        self._expected = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+
+
+class HypernetworkMethod:
+    """Model-level hooks of methods whose layers read a shared ``ComponentHypernetwork``.
+
+    The hypernetwork is a submodule of the model named ``<method>_hypernetwork`` (so
+    ``model.parameters()``, ``.to()`` and optimizers see it) and is saved as ``<method>::net.*``.
+    """
+
+    name: ClassVar[str]
+    rank_field: ClassVar[str]  # the config field with the components per matrix ("init_r", "r")
+    scalar_head: ClassVar[bool]  # generate λ
+    zero_head: ClassVar[str]  # the head that starts at zero: "scalar" (λ) or "cols" (LoRA's B)
+
+    @classmethod
+    def build_hypernetwork(cls, specs: list[MatrixSpec], config: AdapterConfig) -> ComponentHypernetwork:
+        return ComponentHypernetwork(specs, getattr(config, cls.rank_field), dim=config.hyper_dim,
+                                     depth=config.hyper_depth, heads=config.hyper_heads, scalar=cls.scalar_head,
+                                     zero_head=cls.zero_head)
+
+    @classmethod
+    def attr(cls) -> str:
+        return f"{cls.name}_hypernetwork"
+
+    @classmethod
+    def hypernetwork(cls, model: nn.Module) -> ComponentHypernetwork:
+        net = getattr(model, cls.attr(), None)
+        if net is None:
+            raise ConfigError(f"the model has no {cls.name} hypernetwork",
+                              hint="inject with hm.inject or load with hm.load_adapter")
+        return net
+
+    @classmethod
+    def after_inject(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], config: AdapterConfig) -> None:
+        layer_list = list(layers.values())
+        specs = [matrix_spec(name, layer.out_features, layer.in_features) for name, layer in layers.items()]
+        net = cls.build_hypernetwork(specs, config)
+        first = layer_list[0].base_layer.weight
+        net.to(device=first.device)
+        model.add_module(cls.attr(), net)
+        for index, layer in enumerate(layer_list):
+            layer.attach(net, index)
+
+    @classmethod
+    def detach(cls, model: nn.Module) -> None:
+        if hasattr(model, cls.attr()):
+            delattr(model, cls.attr())
+
+    @classmethod
+    def checkpoint_metadata(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        # What was trained is the hypernetwork (and any module trained in full), not the
+        # materialised factors the checkpoint also holds.
+        return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    @classmethod
+    def model_tensors(cls, model: nn.Module) -> dict[str, torch.Tensor]:
+        net = cls.hypernetwork(model)
+        tensors = {f"{cls.name}::net.{k}": v for k, v in net.state_dict().items()}
+        tensors[f"{cls.name}::shrunk"] = torch.tensor([net.shrunk])
+        return tensors
+
+    @classmethod
+    def load_model_tensors(cls, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        from hypermerge.adapters.model import adapter_state
+
+        net = cls.hypernetwork(model)
+        prefix = f"{cls.name}::net."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"the checkpoint has no {cls.name} hypernetwork ({prefix}* tensors), which "
+                                  "loading it into a model needs", hint="hypermerge fold works without it; to "
+                                  "resume training, use a checkpoint written by hm.save_adapter")
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise AdapterMismatchError(f"the saved {cls.name} hypernetwork does not fit this model and config "
+                                       f"({str(exc).splitlines()[0]})",
+                                       hint="load the adapter into the base model it was trained on") from None
+        if bool(tensors.get(f"{cls.name}::shrunk", torch.tensor([False])).item()):
+            net.shrink()
+        net.invalidate()
+        layers = adapter_state(model).layers
+        for layer in layers.values():
+            expected, layer._expected = layer._expected, None
+            if expected is None:
+                continue
+            with torch.no_grad():
+                actual = {k: v.detach().to("cpu", torch.float32) for k, v in layer.adapter_tensors().items()}
+            for key, saved in expected.items():
+                if actual[key].shape != saved.shape:
+                    raise AdapterMismatchError(
+                        f"{layer.weight_name}::{key}: the hypernetwork generates shape {tuple(actual[key].shape)} "
+                        f"but the checkpoint holds {tuple(saved.shape)}",
+                        hint="the rank pattern and the saved hypernetwork disagree; the checkpoint was edited")
+                scale = float(saved.abs().max()) if saved.numel() else 0.0
+                error = float((actual[key] - saved).abs().max()) if saved.numel() else 0.0
+                if error > 1e-4 * max(scale, 1e-3):
+                    raise CheckpointError(
+                        f"the saved {cls.name} hypernetwork does not reproduce the saved {layer.weight_name}::{key} "
+                        f"(max difference {error:.3g})",
+                        hint="the checkpoint was written by another hypermerge version or edited; "
+                             "hypermerge fold still works (it uses the saved factors)")
+
+    @classmethod
+    def hypernetwork_parameters(cls, model: nn.Module) -> int:
+        return cls.hypernetwork(model).parameter_count()
+
+
+def parameter_count_formula(specs: list[MatrixSpec], rank: int, dim: int, depth: int, scalar: bool) -> dict[str, Any]:
+    """The hypernetwork's parameter count, by part (documented in the module docstring)."""
+    kinds = {s.kind: s for s in specs}
+    layers = {s.layer for s in specs}
+    parts = {
+        "tokens": len(specs) * rank * dim,
+        "embeddings": (len(layers) + len(kinds) + rank) * dim,
+        "encoder": depth * (8 * dim * dim + 11 * dim) + 2 * dim,
+        "heads": sum(dim * (s.out_features + s.in_features + (1 if scalar else 0)) for s in kinds.values()),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
