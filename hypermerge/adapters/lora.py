@@ -85,4 +85,4 @@ class LoRA(AdapterMethod):
     @classmethod
     def create_layer(cls, base_layer, config, weight_name, saved=None):
         rank = saved["lora_A"].shape[0] if saved is not None and "lora_A" in saved else None
-        return LoRALayer(base_layer, config, weight_name, rank=rank)
+        return cls.layer_cls(base_layer, config, weight_name, rank=rank)
