@@ -7,6 +7,7 @@
     hm.fold_checkpoint("adapter", "folded")      # or: hypermerge fold --adapter adapter --out folded
     hm.export_model("folded", "exported")        # or: hypermerge export folded --out exported
     hm.OnnxModel.load("exported").embed(["..."])
+    hm.patch_export("exported", "adapter", "patched")   # or: hypermerge patch exported --adapter adapter --out patched
 """
 
 from hypermerge._version import __version__
@@ -49,6 +50,7 @@ from hypermerge.errors import (
 from hypermerge.export import ExportResult, OnnxModel, Report, export_model, verify_export
 from hypermerge.fold import FoldResult, fold_checkpoint
 from hypermerge.inspect import inspect_adapter
+from hypermerge.patch import PatchResult, patch_export
 
 __all__ = [
     "__version__",
@@ -84,6 +86,8 @@ __all__ = [
     "OnnxModel",
     "OutputExistsError",
     "ParityError",
+    "patch_export",
+    "PatchResult",
     "rank_pattern",
     "read_adapter",
     "regularization_loss",

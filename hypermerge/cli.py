@@ -142,13 +142,16 @@ def _latency_options(func):
 @click.option("--shapes", default=None, metavar="MIN:OPT:MAX",
               help="TensorRT profile: BxS each (BxSxP for causal LMs, P = past length).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity and latency checks.")
+@click.option("--adapter-inputs", is_flag=True,
+              help="HyperAdapt row/column scales of every block linear layer as one graph input (adapter_scales, "
+                   "default ones), so one model serves many adapters chosen per request.")
 @_latency_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
 def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool, quantize: str | None, trt: bool,
-           fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, batch: int | None, seq: int | None,
-           threads: int | None, iters: int, provider: str, atol: float, rtol: float, overwrite: bool,
-           quiet: bool) -> None:
+           fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, adapter_inputs: bool, batch: int | None,
+           seq: int | None, threads: int | None, iters: int, provider: str, atol: float, rtol: float,
+           overwrite: bool, quiet: bool) -> None:
     """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
     from hypermerge.errors import ConfigError
     from hypermerge.export import export_model
@@ -160,9 +163,53 @@ def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool
     result = export_model(model_dir, out_dir, task, opset=opset, optimize=optimize, quantize=quantize, trt=trt,
                           precision=precision, shapes=shapes, verify=not no_verify, overwrite=overwrite, batch=batch,
                           seq=seq, threads=threads, iters=iters, provider=provider, tolerance=Tolerance(atol, rtol),
-                          progress=not quiet)
+                          progress=not quiet, adapter_inputs=adapter_inputs)
     click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     click.echo(result.report.markdown())
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path),
+              help="Adapter checkpoint directory (hypermerge or PEFT) made for the export's base model.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against the folded PyTorch model.")
+@click.option("--trt", is_flag=True, help="Refit the export's TensorRT engine (built with REFIT) instead of dropping it.")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The base model directory [default: the one recorded at export].")
+@click.option("--provider", default="auto", show_default=True,
+              help="onnxruntime provider for the parity check: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt.")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads for the parity check.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Parity: absolute tolerance, times max(1, the output's largest |value|).")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+def patch(export_dir: Path, adapter_dir: Path, out_dir: Path, no_verify: bool, trt: bool, source: Path | None,
+          provider: str, threads: int | None, atol: float, rtol: float, overwrite: bool, quiet: bool) -> None:
+    """Fold an adapter into an exported model: same graph, new initializers, no re-export."""
+    from hypermerge.export.parity import Tolerance
+    from hypermerge.patch import patch_export
+
+    result = patch_export(export_dir, adapter_dir, out_dir, verify=not no_verify, trt=trt, source=source,
+                          overwrite=overwrite, tolerance=Tolerance(atol, rtol), provider=provider, threads=threads,
+                          progress=not quiet)
+    click.echo(f"patched {result.folded} tensors ({result.method}, {result.adapter_format} adapter) into "
+               f"{result.out}: {result.initializers} initializers rewritten, graph unchanged, in {result.seconds:.1f} s")
+    click.echo(f"base checked {result.base_check}")
+    if result.unchanged:
+        click.echo(f"{len(result.unchanged)} targeted tensors were left unchanged by the fold")
+    if result.parity is not None:
+        click.echo(f"parity vs the folded PyTorch model: passed (max abs err {result.parity['max_abs_err']:.3g}, "
+                   f"max rel err {result.parity['max_rel_err']:.3g})")
+    else:
+        click.echo("parity not checked (--no-verify): run hypermerge verify on the output")
+    if result.tensorrt is not None:
+        refit = result.tensorrt["refit"]
+        click.echo(f"TensorRT engine refitted: {refit['refitted']} weights in {refit['seconds']:.1f} s")
+    for name in result.dropped:
+        click.echo(f"not carried over: {name} (it holds the base's weights; "
+                   + ("pass --trt to refit it)" if name == "model.engine" else "re-quantize the patched model)"))
 
 
 @cli.command()

@@ -17,6 +17,7 @@ from hypermerge._version import __version__
 from hypermerge.errors import ConfigError, ExportError, HypermergeError, ParityError
 from hypermerge.export import optimize as opt
 from hypermerge.export import tensorrt as trt_mod
+from hypermerge.export.adapter_inputs import ScaleInputs, scales_section
 from hypermerge.export.latency import measure
 from hypermerge.export.onnx_export import DEFAULT_OPSET, export_onnx, load_torch_model, wrap
 from hypermerge.export.ort import open_session, session_provider
@@ -24,6 +25,7 @@ from hypermerge.export.parity import TOLERANCES, Tolerance, check_parity, failur
 from hypermerge.export.report import FORMAT, read_report, to_markdown, write_report
 from hypermerge.export.runtime import MODEL_FILE
 from hypermerge.export.tasks import CAUSAL_LM, check_task, detect_task, read_config
+from hypermerge.export.weights_map import read_weights_map, record_weights_map
 from hypermerge.fold.hfdir import copy_model_files
 
 INT8_FILE = "model.int8.onnx"
@@ -130,7 +132,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                  shapes: str | None = None, verify: bool = True, overwrite: bool = False,
                  batch: int | None = None, seq: int | None = None, threads: int | None = None, iters: int = 30,
                  external_data: bool | None = None, tolerance: Tolerance | None = None, new_tokens: int = 16,
-                 provider: str = "auto", progress: bool = True) -> ExportResult:
+                 provider: str = "auto", progress: bool = True, adapter_inputs: bool = False) -> ExportResult:
     """Export a HF model directory to a verified ONNX directory (and optionally a TensorRT engine).
 
     Args:
@@ -146,6 +148,11 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             torch's thread count; 30 interleaved runs).
         tolerance: parity bound (default: fp32 atol 1e-4, rtol 1e-3).
         new_tokens: greedy tokens compared with PyTorch (causal LMs, at least 16 recommended).
+        adapter_inputs: HyperAdapt's row and column scales of every linear layer of the transformer
+            blocks become one packed graph input (``adapter_scales``, default ones; layout in
+            ``adapter_inputs.json``), so one model serves many adapters
+            (``hm.OnnxModel.load(...).embed(texts, adapter=DIR)``); parity is also checked with
+            random scales against the PyTorch model with those scales.
 
     Returns:
         The output path, task, report and the files written.
@@ -165,6 +172,11 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
         raise ConfigError(f"unknown quantization {quantize!r}", hint="the only one is int8")
     if not trt and (precision != "fp32" or shapes):
         raise ConfigError("--fp16, --bf16 and --shapes apply to TensorRT engines", hint="add --trt")
+    if adapter_inputs and trt:
+        # TensorRT's ONNX parser takes an input that has a default (an initializer of the same
+        # name) for a constant, which would bake the identity scales into the engine
+        raise ConfigError("--adapter-inputs cannot be combined with --trt yet",
+                          hint="serve adapter inputs with onnxruntime, or hypermerge patch --trt per adapter")
     if opset < 17:
         raise ConfigError(f"opset {opset} is too old for the exporter", hint="use --opset 17 or newer")
     shape_range = trt_mod.parse_shapes(shapes, task) if trt else None
@@ -173,17 +185,22 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
     tolerance = tolerance or TOLERANCES["fp32"]
     batch, seq = _default_shape(task, batch, seq)
     threads = threads or torch.get_num_threads()
-    names = ["loading the model", "exporting to ONNX"] + ["parity"] * verify + ["optimizing"] * optimize
-    names += ["int8"] * bool(quantize) + ["TensorRT"] * trt + ["latency"]
+    names = ["loading the model", "exporting to ONNX"] + ["parity"] * verify + ["adapter inputs"] * (
+        adapter_inputs and verify) + ["optimizing"] * optimize
+    names += ["int8"] * bool(quantize) + ["TensorRT"] * trt + ["latency", "weights map"]
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         # the bar starts once the output is known to be writable: errors before it stay one line
         stage = _Stages(names, progress)
         try:
             stage("loading the model")
             model = load_torch_model(model_dir, task)
+            scales = ScaleInputs.attach(model) if adapter_inputs else None
             stage("exporting to ONNX")
-            contract = export_onnx(model, task, tmp / MODEL_FILE, opset=opset, external_data=external_data)
+            contract = export_onnx(model, task, tmp / MODEL_FILE, opset=opset, external_data=external_data,
+                                   scales=scales)
             copy_model_files(model_dir, tmp)
+            if scales is not None:
+                scales.write(tmp)
             wrapper, _ = wrap(model, task)
             tokenizer = _tokenizer(model_dir)
             session = open_session(tmp / MODEL_FILE, provider, threads, exact=True)
@@ -203,6 +220,13 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                     raise ParityError(f"the ONNX model does not match PyTorch: {failure_summary(report['parity'])}",
                                       path=model_dir, hint="run with --debug, or try another --opset")
             backends = {"onnxruntime": _runner(session, contract)}
+            if scales is not None:
+                if verify:
+                    stage("adapter inputs")
+                report["adapter_inputs"] = scales_section(scales, session, contract, model, wrapper, verify=verify,
+                                                          backend=backend, tolerance=tolerance,
+                                                          new_tokens=new_tokens, tokenizer=tokenizer)
+                backends["onnxruntime_adapter_scales"] = scales.runner(session, contract)
             served = tmp / MODEL_FILE
             if optimize:
                 stage("optimizing")
@@ -244,6 +268,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                 move_onnx(served, tmp / MODEL_FILE)
             if quantize:
                 report["quantized"] = _decide_int8(tmp, report["latency"], accuracy, task)
+            stage("weights map")
+            report["weights_map"] = record_weights_map(tmp, model_dir, report["source"]["weights_sha256"])
             report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
             report["seconds"] = round(time.perf_counter() - start, 1)
             write_report(tmp, report)
@@ -424,7 +450,13 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         stage("loading")
         session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
         contract = _contract(session)
-        model = load_torch_model(source_path, contract.task)
+        adapters = (report.get("source") or {}).get("adapters") or []
+        if adapters:  # a patched export: the reference is the source with those adapters folded in
+            from hypermerge.patch.engine import folded_reference
+
+            model = folded_reference(source_path, contract.task, adapters, read_weights_map(export_dir))
+        else:
+            model = load_torch_model(source_path, contract.task)
         wrapper, _ = wrap(model, contract.task)
         tokenizer = _tokenizer(export_dir)
         inputs, outputs = _io_spec(session)
@@ -436,7 +468,8 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         report.setdefault("opset", _opset(export_dir / MODEL_FILE))
         report.setdefault("exporter", "unknown (not exported by hypermerge)")
         report["source"] = {"path": str(source_path.absolute()), "weights_sha256": sha,
-                            **({"weights_changed_since_export": recorded != sha} if recorded else {})}
+                            **({"weights_changed_since_export": recorded != sha} if recorded else {}),
+                            **({"adapters": adapters} if adapters else {})}
         stage("parity")
         report["parity"] = check_parity(_runner(session, contract), model, wrapper, contract,
                                         backend=f"onnxruntime:{session_provider(session)}", tolerance=tolerance,

@@ -213,11 +213,13 @@ def _summary(exc: BaseException) -> str:
 
 
 def export_onnx(model: torch.nn.Module, task: str, path: Path, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None) -> IOContract:
+                external_data: bool | None = None, scales=None) -> IOContract:
     """Export ``model`` for ``task`` to ``path`` (plus ``path.data`` for external weights).
 
     Args:
         external_data: store weights in ``model.onnx.data``; None decides by size (needed above 2 GiB).
+        scales: a :class:`~hypermerge.export.adapter_inputs.ScaleInputs` attached to ``model``
+            (``--adapter-inputs``): the graph gets its packed input last, with a default of ones.
 
     Returns:
         The I/O contract the graph follows.
@@ -237,15 +239,22 @@ def export_onnx(model: torch.nn.Module, task: str, path: Path, *, opset: int = D
         args = tuple(feeds[name] for name in contract.inputs)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    input_names, dynamic_shapes = list(contract.inputs), _dynamic_shapes(contract)
+    if scales is not None:  # one more input, of a fixed size
+        wrapper, args = scales.wrap(wrapper, len(args)), (*args, scales.example())
+        input_names, dynamic_shapes = [*input_names, scales.layout.input], (*dynamic_shapes, None)
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                        input_names=list(contract.inputs), output_names=list(contract.outputs),
-                                        dynamic_shapes=_dynamic_shapes(contract), verbose=False,
+                                        input_names=input_names, output_names=list(contract.outputs),
+                                        dynamic_shapes=dynamic_shapes, verbose=False,
                                         report=False)
     except Exception as exc:  # the exporter raises many types; all mean the same thing to the user
         raise ExportError(f"torch.onnx.export failed for {task} ({_summary(exc)})",
                           hint="run with --debug for the exporter's full log; try another --opset") from exc
     program.model.metadata_props.update({"hypermerge.task": task, "hypermerge.num_layers": str(contract.num_layers)})
+    if scales is not None:
+        scales.set(None)  # tracing left a traced tensor there; the PyTorch model is the base again
+        scales.add_default(program.model)
     program.save(str(path), external_data=external_data)
     return contract

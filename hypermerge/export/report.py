@@ -129,4 +129,32 @@ def to_markdown(report: dict) -> str:
     if trt:
         lines += ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
                   f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
+    lines += _patch_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _patch_lines(report: dict) -> list[str]:
+    """The sections ``hypermerge patch`` and ``--adapter-inputs`` add (weights map, inputs, patch)."""
+    from hypermerge.export.weights_map import weights_map_markdown
+
+    lines: list[str] = []
+    scales = report.get("adapter_inputs")
+    if scales:
+        parity = scales.get("parity_random_scales")
+        check = ("not checked (--no-verify)" if parity is None else
+                 f"parity with random scales: {'passed' if parity['passed'] else 'FAILED'} "
+                 f"(max abs err {parity['max_abs_err']:.2e})")
+        lines += ["", f"## Adapter inputs: `{scales['input']}` ({scales['size']} float32 values, {scales['matrices']} "
+                  f"matrices, layout in `{scales['file']}`); default ones = the base model; {check}."]
+    patch = report.get("patch")
+    if patch:
+        lines += ["", f"## Patched with `{patch['adapter']}` ({patch['method']}, {patch['format']})", "",
+                  f"{patch['tensors_changed']} tensors changed in {patch['initializers_rewritten']} initializers, "
+                  f"graph unchanged; base checked {patch['base_check']}."]
+        if patch.get("dropped"):
+            lines.append("Not carried over: " + "; ".join(patch["dropped"]) + ".")
+        if report.get("latency"):
+            lines.append("Latency above: measured on the export before the patch (same graph, same shapes).")
+    if report.get("weights_map"):
+        lines += weights_map_markdown(report["weights_map"])
+    return lines

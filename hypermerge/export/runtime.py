@@ -4,6 +4,9 @@
     model.embed(["a sentence", ...])                     # feature-extraction: mean-pooled, L2-normalised
     model.classify(["great film"])                       # sequence-classification: label + score
     model.generate(["Once upon a time"], max_new_tokens=32)   # causal-lm: KV cache between steps
+
+An export made with ``--adapter-inputs`` takes HyperAdapt adapters per call:
+``model.embed(texts, adapter="adapters/legal")`` (loaded once, then cached by path).
 """
 
 from __future__ import annotations
@@ -101,11 +104,22 @@ class OnnxModel:
     """An exported directory loaded for inference on ONNX Runtime.
 
     Use :meth:`load`; then :meth:`embed`, :meth:`classify` or :meth:`generate` depending on the task.
+    On an export made with ``--adapter-inputs`` each of them takes ``adapter=DIR`` (a HyperAdapt
+    adapter, or an IA³ one that is a pure scaling), chosen per call; ``None`` is the base model.
     """
+
+    # adapters kept resolved per model (a SmolLM2 vector is 1.2 MB): least recently used dropped beyond this
+    ADAPTER_CACHE_SIZE = 64
 
     def __init__(self, path: Path, session, contract: IOContract, tokenizer=None, config: dict | None = None):
         self.path, self.session, self.contract = path, session, contract
         self.tokenizer, self.config = tokenizer, config or {}
+        from hypermerge.export.adapter_inputs import AdapterScalesCache, read_layout
+        from hypermerge.export.weights_map import read_weights_map
+
+        layout = read_layout(path)
+        self.adapter_scales = None if layout is None else AdapterScalesCache(
+            layout, self.ADAPTER_CACHE_SIZE, weights_map=read_weights_map(path))
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None,
@@ -148,10 +162,39 @@ class OnnxModel:
     def provider(self) -> str:
         return session_provider(self.session)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One forward pass; ``feeds`` by contract name, outputs in the contract's order."""
-        return self.session.run(list(self.contract.outputs), {k: v for k, v in feeds.items()
-                                                               if k in self.contract.inputs})
+    @property
+    def accepts_adapters(self) -> bool:
+        """Whether this export takes adapters per call (exported with ``--adapter-inputs``)."""
+        return self.adapter_scales is not None
+
+    def _scales(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
+        """The extra feed for ``adapter`` (the cached packed vector), {} for exports without inputs."""
+        if self.adapter_scales is None:
+            if adapter is None:
+                return {}
+            raise ConfigError("this export takes no adapters per call (it was exported without --adapter-inputs)",
+                              path=self.path, hint="export with --adapter-inputs (HyperAdapt adapters), or fold "
+                              "the adapter into a copy with hypermerge patch")
+        return {self.adapter_scales.layout.input: self.adapter_scales.get(adapter)}
+
+    def run(self, feeds: dict[str, np.ndarray], *, adapter: str | Path | None = None) -> list[np.ndarray]:
+        """One forward pass; ``feeds`` by contract name, outputs in the contract's order.
+
+        Args:
+            adapter: an adapter directory (exports with ``--adapter-inputs`` only); None for the base.
+
+        Raises:
+            ConfigError: an adapter for an export without adapter inputs, or of a method they
+                cannot carry (LoRA...: use hypermerge patch).
+            AdapterMismatchError: the adapter was made for another base model.
+            CheckpointError: the adapter directory is missing or damaged.
+        """
+        extra = self._scales(adapter)
+        return self.session.run(list(self.contract.outputs), {**{k: v for k, v in feeds.items()
+                                                                  if k in self.contract.inputs}, **extra})
+
+    def _run(self, feeds: dict[str, np.ndarray], extra: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(self.contract.outputs), {**feeds, **extra})
 
     def _require(self, task: str, method: str) -> None:
         if self.task != task:
@@ -170,30 +213,39 @@ class OnnxModel:
         return feeds
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = True,
-              max_length: int | None = 512) -> np.ndarray:
+              max_length: int | None = 512, adapter: str | Path | None = None) -> np.ndarray:
         """Sentence embeddings: mean over valid tokens of ``last_hidden_state``, L2-normalised.
+
+        Args:
+            adapter: an adapter directory to apply (exports with ``--adapter-inputs``); None for the base.
 
         Returns:
             float32 array (len(texts), hidden).
         """
         self._require(FEATURE_EXTRACTION, "embed")
+        extra = self._scales(adapter)
         chunks = []
         for start in range(0, len(texts), batch_size):
             feeds = self._encode(texts[start:start + batch_size], max_length)
-            chunks.append(mean_pool(self.run(feeds)[0], feeds["attention_mask"], normalize))
+            chunks.append(mean_pool(self._run(feeds, extra)[0], feeds["attention_mask"], normalize))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
-    def classify(self, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = 512) -> list[dict]:
+    def classify(self, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = 512,
+                 adapter: str | Path | None = None) -> list[dict]:
         """Labels with softmax scores, like transformers' text-classification pipeline.
+
+        Args:
+            adapter: an adapter directory to apply (exports with ``--adapter-inputs``); None for the base.
 
         Returns:
             One ``{"label", "score", "scores": {label: probability}}`` per text.
         """
         self._require(SEQUENCE_CLASSIFICATION, "classify")
+        extra = self._scales(adapter)
         id2label = {int(k): v for k, v in self.config.get("id2label", {}).items()}
         results = []
         for start in range(0, len(texts), batch_size):
-            logits = self.run(self._encode(texts[start:start + batch_size], max_length))[0].astype(np.float64)
+            logits = self._run(self._encode(texts[start:start + batch_size], max_length), extra)[0].astype(np.float64)
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             for row in probs:
@@ -204,7 +256,8 @@ class OnnxModel:
         return results
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, *, seed: int | None = None, stop_at_eos: bool = True) -> list[str]:
+                 top_p: float = 1.0, *, seed: int | None = None, stop_at_eos: bool = True,
+                 adapter: str | Path | None = None) -> list[str]:
         """Continue each prompt (batched, left-padded), keeping the KV cache between steps.
 
         Args:
@@ -212,6 +265,7 @@ class OnnxModel:
             top_p: nucleus sampling mass (with temperature > 0).
             seed: for reproducible sampling.
             stop_at_eos: a row stops at the tokenizer's end-of-sequence token.
+            adapter: an adapter directory to apply (exports with ``--adapter-inputs``); None for the base.
 
         Returns:
             The generated continuation of each prompt (without the prompt).
@@ -219,9 +273,10 @@ class OnnxModel:
         self._require(CAUSAL_LM, "generate")
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
+        extra = self._scales(adapter)  # resolved once, fed at every step
         feeds = self._encode(prompts, None)
         eos = self.tokenizer.eos_token_id if stop_at_eos else None
-        tokens = decode(self.run, self.contract, feeds["input_ids"], feeds["attention_mask"],
+        tokens = decode(lambda f: self._run(f, extra), self.contract, feeds["input_ids"], feeds["attention_mask"],
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
                         pad_token_id=self.tokenizer.pad_token_id or 0, seed=seed)
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)

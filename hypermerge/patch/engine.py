@@ -1,0 +1,480 @@
+"""``hypermerge patch``: fold an adapter into an exported model without exporting again.
+
+    EXPORT_DIR (model.onnx + weights_map.json) + ADAPTER_DIR  ──▶  NEW_DIR (same graph, new weights)
+
+1. The adapter (hypermerge or PEFT) is planned against the export's weights map exactly as
+   ``hypermerge fold`` plans it against a base checkpoint (``plan_fold``: names, shapes, NaN/Inf,
+   dry-run of the fold); the map's fingerprint stands in for the base's safetensors headers. Where
+   the adapter's recorded base model is a local directory, the weights it changes are compared
+   with the digests recorded at export, so an adapter for another checkpoint of the same
+   architecture is refused too.
+2. Every weight the adapter changes is read from its initializer (undoing the recorded transpose),
+   folded by ``fold_tensor``, the function ``hypermerge fold`` streams every weight through (same
+   float32 math, same single cast to the base's dtype), and written back to every initializer
+   that holds it. A weight the map could not locate is refused by name, as is a change to one
+   tensor of an initializer the exporter shares between several.
+3. NEW_DIR gets the same graph: with external data, ``model.onnx`` is copied byte for byte and the
+   data file is copied with the changed byte ranges overwritten; with weights inside the
+   protobuf, only the changed initializers' bytes differ.
+4. Parity: the patched model runs against the base model with the adapter folded in memory
+   (``hm.load_adapter`` + ``hm.fold_model``) on the export's own parity cases (greedy decode
+   included for causal LMs). On failure nothing is written: the output is built in a temporary
+   sibling, as ``fold`` and ``export`` do.
+5. ``--trt``: the export's TensorRT engine (built with REFIT) gets the new weights with
+   ``trt.Refitter`` instead of a rebuild, and its parity is checked again (``refit.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hypermerge._fs import atomic_output_dir, require_dir
+from hypermerge._version import __version__
+from hypermerge.adapters.checkpoint import AdapterCheckpoint, read_adapter
+from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, ExportError, ParityError
+from hypermerge.export.report import REPORT_JSON, REPORT_MD, read_report, write_report
+from hypermerge.export.runtime import MODEL_FILE
+from hypermerge.export.weights_map import (
+    WEIGHTS_MAP_FILE,
+    Initializers,
+    Location,
+    WeightsMap,
+    build_weights_map,
+    check_adapter_base,
+    digest_of,
+    load_onnx_graph,
+    read_weights_map,
+    write_weights_map,
+)
+from hypermerge.fold.engine import FOLD_THREADS, all_finite, fold_tensor, plan_fold
+from hypermerge.fold.hfdir import BaseCheckpoint, update_config
+from hypermerge.fold.safetensors_io import TORCH_DTYPES
+
+ENGINE_FILE = "model.engine"
+# files of an export that hold the base's weights in another form: a patched copy would be stale
+STALE_FILES = ("model.int8.onnx", "model.int8.onnx.data", ENGINE_FILE)
+
+
+@dataclasses.dataclass
+class PatchResult:
+    """What a patch wrote."""
+
+    out: Path
+    method: str
+    adapter_format: str  # "hypermerge" or "peft"
+    folded: int  # tensors whose values changed (weights, biases, fully trained modules)
+    initializers: int  # ONNX initializers rewritten
+    unchanged: list[str]  # targeted tensors the fold left exactly as they were
+    base_check: str
+    seconds: float
+    parity: dict | None = None
+    tensorrt: dict | None = None
+    dropped: list[str] = dataclasses.field(default_factory=list)  # files not carried over, with why
+
+
+@dataclasses.dataclass
+class _Change:
+    name: str  # the source tensor
+    new: np.ndarray  # float32, the source's stored layout
+    locations: list[Location]
+
+
+def _map_as_base(weights_map: WeightsMap, export_dir: Path) -> BaseCheckpoint:
+    """The map's fingerprint in the shape ``plan_fold`` reads a base checkpoint's headers in."""
+    shapes = {name: tuple(shape) for name, (shape, _dtype) in weights_map.fingerprint.items()}
+    dtypes = {name: dtype for name, (_shape, dtype) in weights_map.fingerprint.items()}
+    model = export_dir / weights_map.model_file
+    return BaseCheckpoint(export_dir, [], None, shapes, dtypes, {name: model for name in shapes})
+
+
+def load_map(export_dir: Path, report: dict, source: Path | None) -> tuple[WeightsMap, bool]:
+    """The export's weights map; for exports made before maps were recorded, one built now from
+    the source model (returns whether it was built).
+
+    Raises:
+        ExportError: no map and no source model to build one from.
+    """
+    weights_map = read_weights_map(export_dir)
+    if weights_map is not None:
+        return weights_map, False
+    recorded = (report.get("source") or {}).get("path")
+    source = Path(source or recorded) if (source or recorded) else None
+    if source is None or not (source / "config.json").is_file():
+        raise ExportError(f"no {WEIGHTS_MAP_FILE} in this export, and no source model to build it from",
+                          path=export_dir, hint="re-export the model with this hypermerge, or pass --source MODEL_DIR")
+    built = build_weights_map(export_dir / MODEL_FILE, source,
+                              source_sha256=(report.get("source") or {}).get("weights_sha256"))
+    return built, True
+
+
+class _Reader:
+    """Base tensors in their stored layout (float32), read from the export's initializers."""
+
+    def __init__(self, weights_map: WeightsMap, inits: Initializers):
+        self.map, self.inits = weights_map, inits
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def initializer(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = self.inits.array(name)
+        return self.arrays[name]
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        locations = self.map.locations.get(name)
+        if locations:
+            # an unscaled copy reads back exactly; a scaled one only to float32 rounding
+            location = min(locations, key=lambda loc: (loc.scale is not None, loc.slice is not None))
+            held = location.window(self.initializer(location.initializer))
+            return np.ascontiguousarray(location.decode(held.astype(np.float32)))
+        if name in self.map.constants:
+            shape, _ = self.map.fingerprint[name]
+            return np.full(shape, self.map.constants[name], dtype=np.float32)
+        return None
+
+
+def _source_dtype(weights_map: WeightsMap, name: str) -> torch.dtype:
+    return TORCH_DTYPES.get(weights_map.fingerprint[name][1], torch.float32)
+
+
+def _unmapped(weights_map: WeightsMap, name: str, what: str) -> ExportError:
+    reason = weights_map.unmapped.get(name, "it is not in the weights map")
+    return ExportError(f"cannot patch {name}: the export's weights map does not locate it ({reason}); {what}",
+                       hint="re-export without --optimize, or fold the adapter and export the folded model")
+
+
+def compute_changes(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, reader: _Reader, export_dir: Path,
+                    progress: bool = True) -> tuple[list[_Change], list[str]]:
+    """Plan the adapter against the map and fold every tensor it touches.
+
+    Returns:
+        The tensors whose values change, and those the fold leaves exactly as they were.
+
+    Raises:
+        AdapterMismatchError: the adapter does not fit (names, shapes), or adds tensors the graph lacks.
+        CheckpointError: NaN/Inf in the adapter or in a folded tensor.
+        ExportError: a tensor it changes is not located by the map.
+    """
+    plan = plan_fold(checkpoint, _map_as_base(weights_map, export_dir))
+    if plan.additions:
+        first = sorted(plan.additions)[0]
+        raise AdapterMismatchError(f"the adapter adds {len(plan.additions)} tensor(s) the exported model does not have "
+                                   f"(first: {first}); a patch keeps the graph as it is", path=checkpoint.path,
+                                   hint="fold the adapter and export the folded model")
+    method, config = checkpoint.method, checkpoint.config
+    full = checkpoint.full_tensors() if plan.replacements else {}
+    jobs = [("fold", name, target) for name, target in plan.folds.items()]
+    jobs += [("bias", name, target) for name, target in plan.bias_folds.items()]
+    jobs += [("full", name, source) for name, source in plan.replacements.items()]
+    changes, unchanged = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(FOLD_THREADS)  # the same reasoning as fold: memory-bound work, busy cores
+    try:
+        for kind, name, target in tqdm(jobs, desc="patch", unit="tensor", disable=not progress, leave=False):
+            dtype = _source_dtype(weights_map, name)
+            old = reader.tensor(name)
+            if kind == "full":
+                new = full[target].to(dtype).float()
+                if not all_finite(new):
+                    raise CheckpointError(f"the adapter's {target} holds NaN or Inf", path=checkpoint.weights_path)
+            elif old is None:
+                raise _unmapped(weights_map, name, "the adapter changes it")
+            elif kind == "fold":
+                new = fold_tensor(method, torch.from_numpy(old), checkpoint.layer_params(target), config,
+                                  transposed=target in checkpoint.fan_in_fan_out, out_dtype=dtype, name=name).float()
+            else:
+                params = {k: v.float() for k, v in checkpoint.layer_params(target).items()}
+                new = method.fold_bias(torch.from_numpy(old), params, config).to(dtype).float()
+                if not all_finite(new):
+                    raise CheckpointError(f"folding {name} produced NaN or Inf",
+                                          hint="the base bias or the adapter holds extreme values")
+            new = np.ascontiguousarray(new.numpy(), dtype=np.float32)
+            if old is not None and np.array_equal(new, old):
+                unchanged.append(name)
+                continue
+            locations = weights_map.locations.get(name)
+            if not locations:
+                raise _unmapped(weights_map, name, "the adapter changes it")
+            changes.append(_Change(name, new, locations))
+    finally:
+        torch.set_num_threads(threads)
+    return changes, unchanged
+
+
+def apply_changes(changes: list[_Change], weights_map: WeightsMap, reader: _Reader) -> dict[str, np.ndarray]:
+    """The new value of every initializer the changes touch.
+
+    Raises:
+        ExportError: two tensors share an initializer (the exporter merged equal constants, or
+            placed them in overlapping blocks) and would need different values there.
+    """
+    originals = {}
+    updated: dict[str, np.ndarray] = {}
+    for change in changes:
+        for location in change.locations:
+            name = location.initializer
+            if name not in updated:
+                originals[name] = reader.initializer(name)
+                updated[name] = originals[name].copy()
+            location.window(updated[name])[...] = location.encode(change.new)
+    changed = {change.name for change in changes}
+    holders = weights_map.holders()
+    by_name = {change.name: change for change in changes}
+    for name, array in updated.items():
+        for tensor in holders.get(name, []):
+            for location in weights_map.locations[tensor]:
+                if location.initializer != name:
+                    continue
+                window, before = location.window(array), location.window(originals[name])
+                if tensor in changed:
+                    expected = location.encode(by_name[tensor].new).astype(array.dtype)
+                    if np.array_equal(window, expected):
+                        continue
+                    others = [t for t in holders[name] if t != tensor and t in changed]
+                    raise ExportError(f"{tensor} and {others[0] if others else 'another tensor'} share the ONNX "
+                                      f"initializer {name} but the adapter gives them different values",
+                                      hint="fold the adapter and export the folded model")
+                if not np.array_equal(window, before):
+                    writer = next(t for t in holders[name] if t in changed)
+                    raise ExportError(f"{writer} shares the ONNX initializer {name} with {tensor} (the exporter "
+                                      f"merged equal tensors), and the adapter changes only {writer}",
+                                      hint="fold the adapter and export the folded model")
+    return updated
+
+
+def write_onnx(src_dir: Path, dst_dir: Path, model, inits: Initializers, updated: dict[str, np.ndarray],
+               model_file: str = MODEL_FILE) -> None:
+    """Write the model with ``updated`` initializers into ``dst_dir``; the graph is untouched.
+
+    External data files are copied (``copyfile``: file to file in the kernel) and the changed
+    byte ranges overwritten in place: sizes do not change, so every offset in the protobuf stays
+    valid and ``model.onnx`` is copied as it is. Inline initializers get new ``raw_data`` and the
+    protobuf is serialised again.
+    """
+    external: dict[str, list[tuple[int, bytes]]] = {}
+    inline = False
+    for name, array in updated.items():
+        info = inits.external(name)
+        data = np.ascontiguousarray(array, dtype=inits.dtype(name)).tobytes()
+        if info is None:
+            tensor = inits.tensors[name]
+            for field in ("float_data", "double_data", "int32_data"):
+                tensor.ClearField(field)
+            tensor.raw_data = data
+            inline = True
+        else:
+            if int(info.get("length", len(data))) != len(data):
+                raise ExportError(f"the external data of {name} has an unexpected length", path=src_dir / info["location"],
+                                  hint="re-export the model")
+            external.setdefault(info["location"], []).append((int(info.get("offset", 0)), data))
+    locations = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    for location in sorted(locations):
+        target = dst_dir / location
+        shutil.copyfile(src_dir / location, target)
+        if location in external:
+            fd = os.open(target, os.O_WRONLY)
+            try:
+                for offset, data in external[location]:
+                    os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+    if inline:
+        (dst_dir / model_file).write_bytes(model.SerializeToString())
+    else:
+        shutil.copyfile(src_dir / model_file, dst_dir / model_file)
+
+
+def folded_reference(source: Path, task: str, adapters: list[str], weights_map: WeightsMap | None) -> torch.nn.Module:
+    """The PyTorch model the patched export must reproduce: the source with each adapter loaded
+    and folded in memory in turn, its weights rounded to the source's dtype as ``fold`` writes them."""
+    import hypermerge as hm
+    from hypermerge.adapters.targets import match_suffix
+    from hypermerge.export.onnx_export import load_torch_model
+
+    model = load_torch_model(source, task)
+    for adapter in adapters:
+        hm.load_adapter(model, adapter)
+        hm.fold_model(model)
+    names = list(weights_map.fingerprint) if weights_map is not None else []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            match = match_suffix(name, names)
+            dtype = _source_dtype(weights_map, match) if match else torch.float32
+            if dtype != torch.float32:
+                param.copy_(param.to(dtype).float())
+    return model.eval()
+
+
+def source_adapters(report: dict) -> list[str]:
+    """The adapters already folded into an export (a patched one), in order."""
+    return list((report.get("source") or {}).get("adapters") or [])
+
+
+def _copy_export_files(export_dir: Path, tmp: Path, weights_map: WeightsMap, model, refit: bool) -> list[str]:
+    """Everything but the model, its data, the map and the report (and the engine, when it is
+    refitted); returns the stale files left out."""
+    data_files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    skip = {MODEL_FILE, weights_map.model_file, WEIGHTS_MAP_FILE, REPORT_JSON, REPORT_MD, *data_files}
+    if refit:
+        skip.add(ENGINE_FILE)
+    dropped = []
+    for entry in sorted(export_dir.iterdir()):
+        if entry.name in skip or entry.name.startswith(".") or "hm-tmp" in entry.name:
+            continue
+        if entry.name in STALE_FILES:
+            dropped.append(entry.name)
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name)
+        else:
+            shutil.copy2(entry, tmp / entry.name)
+    return dropped
+
+
+def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *, verify: bool = True,
+                 trt: bool = False, source: str | Path | None = None, overwrite: bool = False,
+                 tolerance=None, new_tokens: int = 16, provider: str = "auto", threads: int | None = None,
+                 progress: bool = True) -> PatchResult:
+    """Fold ``adapter`` into the exported model in ``export_dir`` and write ``out`` (same graph).
+
+    Args:
+        export_dir: a directory written by ``hypermerge export`` (with ``weights_map.json``; older
+            exports get a map built from their source model).
+        adapter: a hypermerge or PEFT adapter directory, made for the export's base model.
+        out: the new directory (written atomically; it must not exist unless ``overwrite``).
+        verify: check the patched model against the base with the adapter folded in PyTorch.
+        trt: refit the export's TensorRT engine with the new weights (needs TensorRT and a GPU).
+        source: the base model directory (default: the one recorded at export), for ``verify``.
+        tolerance: parity bound (default: fp32 atol 1e-4, rtol 1e-3, as export).
+        new_tokens: greedy tokens compared with PyTorch (causal LMs).
+        provider, threads: the onnxruntime session used for ``verify``.
+
+    Returns:
+        A PatchResult.
+
+    Raises:
+        CheckpointError: a missing or damaged export, adapter or map; NaN/Inf.
+        AdapterMismatchError: the adapter was made for another base (names, shapes or, where its
+            base is on disk, contents), or adds tensors the graph does not have.
+        ExportError: a tensor the adapter changes is not located by the map; no source for verify.
+        ConfigError: ``--trt`` on an export without an engine.
+        BackendUnavailableError: ``--trt`` without TensorRT or a GPU.
+        ParityError: the patched model does not match the folded PyTorch model (nothing is written).
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    from hypermerge.export import api
+    from hypermerge.export import tensorrt as trt_mod
+    from hypermerge.export.parity import TOLERANCES, check_parity, failure_summary
+
+    start = time.perf_counter()
+    export_dir = require_dir(export_dir, "exported model directory").absolute()
+    if not (export_dir / MODEL_FILE).is_file():
+        raise ExportError(f"no {MODEL_FILE} in this directory", path=export_dir,
+                          hint="pass a directory written by hypermerge export")
+    report = read_report(export_dir) or {}
+    if trt:
+        if not (export_dir / ENGINE_FILE).is_file():
+            raise ConfigError(f"--trt: the export has no TensorRT engine ({ENGINE_FILE})", path=export_dir,
+                              hint="export with --trt first, or patch without --trt")
+        trt_module = trt_mod.require_tensorrt()  # before anything is read or written
+    checkpoint = read_adapter(adapter)
+    weights_map, built = load_map(export_dir, report, Path(source) if source else None)
+    model = load_onnx_graph(export_dir / MODEL_FILE)
+    inits = Initializers(model, export_dir)
+    reader = _Reader(weights_map, inits)
+    changes, unchanged = compute_changes(checkpoint, weights_map, reader, export_dir, progress)
+    base_check = check_adapter_base(checkpoint, weights_map, [c.name for c in changes])
+    updated = apply_changes(changes, weights_map, reader)
+    adapter_path = str(checkpoint.path.absolute())
+    adapter_format = checkpoint.metadata.get("source", "hypermerge")
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        dropped = _copy_export_files(export_dir, tmp, weights_map, model, refit=trt)
+        write_onnx(export_dir, tmp, model, inits, updated)
+        update_config(tmp, checkpoint.config_overrides)
+        weights_map.sha256.update({c.name: digest_of(c.new) for c in changes})
+        weights_map.patches.append({"adapter": adapter_path, "method": checkpoint.method.name,
+                                    "format": adapter_format, "hypermerge": __version__})
+        write_weights_map(tmp, weights_map)
+        del model, inits, reader, updated
+        result = PatchResult(Path(out).absolute(), checkpoint.method.name, adapter_format, len(changes),
+                             len({loc.initializer for c in changes for loc in c.locations}), sorted(unchanged),
+                             base_check, 0.0, dropped=dropped)
+        source_path = Path(source or (report.get("source") or {}).get("path") or "")
+        adapters = [*source_adapters(report), adapter_path]
+        section = {"adapter": adapter_path, "method": checkpoint.method.name, "format": adapter_format,
+                   "tensors_changed": result.folded, "initializers_rewritten": result.initializers,
+                   "unchanged_by_the_fold": result.unchanged, "base_check": base_check,
+                   "graph": "unchanged (weights only)", "weights_map_built_now": built,
+                   "dropped": [f"{name}: holds the base's weights" for name in dropped]}
+        report = {**report, "patch": section, "patched_at": api._now(), "hypermerge": __version__}
+        report["source"] = {**(report.get("source") or {}), "path": str(source_path.absolute()) if str(source_path)
+                            not in ("", ".") else None, "adapters": adapters}
+        if "int8" in " ".join(dropped):
+            report.pop("quantized", None)
+            if report.get("latency"):
+                api._drop_backend(report["latency"], "onnxruntime_int8")
+        if ENGINE_FILE in dropped:
+            report.pop("tensorrt", None)
+            if report.get("latency"):
+                api._drop_backend(report["latency"], "tensorrt")
+        tolerance = tolerance or TOLERANCES["fp32"]
+        reference = contract = wrapper = tokenizer = None
+        if verify:
+            if not (source_path / "config.json").is_file():
+                raise ExportError("the base model (the PyTorch reference for --verify) is not there",
+                                  path=source_path if str(source_path) not in ("", ".") else export_dir,
+                                  hint="pass --source MODEL_DIR, or --no-verify")
+            session = api.open_session(tmp / MODEL_FILE, provider, threads, exact=True)
+            contract = api._contract(session)
+            reference = folded_reference(source_path, contract.task, adapters, weights_map)
+            from hypermerge.export.onnx_export import wrap
+
+            wrapper, _ = wrap(reference, contract.task)
+            tokenizer = api._tokenizer(tmp)
+            parity = check_parity(api._runner(session, contract), reference, wrapper, contract,
+                                  backend=f"onnxruntime:{api.session_provider(session)}", tolerance=tolerance,
+                                  new_tokens=new_tokens, tokenizer=tokenizer)
+            del session
+            report["parity"] = result.parity = parity
+            if not parity["passed"]:
+                changed = (report.get("source") or {}).get("weights_sha256") not in (None, api.weights_sha256(source_path))
+                raise ParityError(f"the patched model does not match the folded PyTorch model: {failure_summary(parity)}",
+                                  path=export_dir, hint="the base model's weights changed since export: re-export it"
+                                  if changed else "fold the adapter and export the folded model")
+        else:
+            report["parity"] = None
+        if trt:
+            from hypermerge.patch.refit import refit_engine
+
+            # the patched model's initializers: the changed ones, and any TensorRT asks for with them
+            patched = Initializers(load_onnx_graph(tmp / MODEL_FILE), tmp)
+            section_trt = refit_engine(trt_module, export_dir / ENGINE_FILE, tmp / ENGINE_FILE,
+                                       sorted({loc.initializer for c in changes for loc in c.locations}),
+                                       patched.array)
+            report["tensorrt"] = {**(report.get("tensorrt") or {}), "refit": section_trt}
+            if verify:
+                failures: list[str] = []
+                api._verify_engine(tmp, report, contract, reference, wrapper, tokenizer, new_tokens, {}, failures)
+                if failures:
+                    raise ParityError("the refitted TensorRT engine does not match the folded PyTorch model: "
+                                      + "; ".join(failures), path=export_dir,
+                                      hint="TensorRT can drop a GEMM bias on refit: rebuild with hypermerge export --trt")
+            result.tensorrt = report["tensorrt"]
+        result.seconds = time.perf_counter() - start
+        report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        report["patch"]["seconds"] = round(result.seconds, 2)
+        write_report(tmp, report)
+    return result
+
