@@ -207,7 +207,7 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--name", default=None, help="Model name reported to clients [default: the directory's name].")
 @click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
               help="Seconds SIGTERM waits for in-flight requests.")
-@quiet_option
+@click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
           threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, quiet: bool) -> None:
     """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),

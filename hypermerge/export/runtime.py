@@ -139,7 +139,7 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None,
-             model_file: str = MODEL_FILE) -> OnnxModel:
+             model_file: str = MODEL_FILE, session_config: dict[str, str] | None = None) -> OnnxModel:
         """Open an exported directory.
 
         Args:
@@ -148,13 +148,15 @@ class OnnxModel:
                 cuda or tensorrt.
             threads: intra-op threads (None: one per core).
             model_file: ``model.onnx``, or ``model.int8.onnx`` where the int8 model was kept.
+            session_config: onnxruntime session config entries, e.g.
+                ``{"session.intra_op.allow_spinning": "0"}`` (what ``hypermerge serve`` sets).
 
         Raises:
             CheckpointError: the directory does not exist.
             ExportError: no loadable ONNX model in it.
         """
         path = require_dir(path, "exported model directory").absolute()
-        session = open_session(path / model_file, provider, threads)
+        session = open_session(path / model_file, provider, threads, session_config=session_config)
         past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
         contract = contract_from_onnx([i.name for i in session.get_inputs()],
                                       [o.name for o in session.get_outputs()], past[0] if past else None)

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hypermerge.errors import ConfigError
 from hypermerge.export.runtime import OnnxModel, StreamStep
 from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
-from hypermerge.serve.batching import MicroBatcher
+from hypermerge.serve.batching import MicroBatcher, length_groups
 from hypermerge.serve.metrics import Metrics, MetricsMiddleware
 from hypermerge.serve.schemas import ClassifyRequest, CompletionRequest, EmbeddingRequest
 
@@ -52,6 +52,7 @@ log = logging.getLogger("hypermerge.serve")
 # the endpoint each task serves; the other two answer 404 with a reason
 TASK_ENDPOINTS = {FEATURE_EXTRACTION: "/v1/embeddings", SEQUENCE_CLASSIFICATION: "/v1/classify",
                   CAUSAL_LM: "/v1/completions"}
+CPU_RUN_COST = 16.0
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", *TASK_ENDPOINTS.values()})
 
 
@@ -147,6 +148,9 @@ class Service:
         self.created = int(time.time())
         self.limit = token_limit(model)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypermerge-model")
+        # fixed cost of one more model run, in padded-token slots: ~16 measured for MiniLM on CPU
+        # (benchmarks/RESULTS.md); on a GPU padding is cheap next to a launch, so one run per batch
+        self.run_cost = CPU_RUN_COST if model.provider == "CPUExecutionProvider" else float("inf")
         self.batcher: MicroBatcher | None = None
         if model.task in (FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION):
             self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
@@ -154,15 +158,24 @@ class Service:
                                         on_batch=metrics.observe_batch)
 
     # --- encoders -------------------------------------------------------------------------------
-    def _run_batch(self, key: Hashable, encoded: list[dict]) -> Sequence:
-        """One model run over requests' texts (on the inference thread)."""
-        start = time.perf_counter()
-        feeds = self.model.pad_batch(encoded)
-        if self.model.task == FEATURE_EXTRACTION:
-            results: Sequence = list(self.model.embed_feeds(feeds))
-        else:
-            results = self.model.classify_feeds(feeds)
-        self.metrics.inference.labels(self.model.task).observe(time.perf_counter() - start)
+    def _run_batch(self, key: Hashable, encoded: list[dict]) -> list:
+        """A micro-batch of requests' texts through the model (on the inference thread).
+
+        On CPU the batch runs as a few runs of similar lengths rather than one padded to its longest
+        text: the compute of a CPU run grows with its padded size (``length_groups``). Padding
+        changes no result: each text's output equals its output alone.
+        """
+        results: list = [None] * len(encoded)
+        for group in length_groups([len(e["input_ids"]) for e in encoded], self.run_cost):
+            start = time.perf_counter()
+            feeds = self.model.pad_batch([encoded[i] for i in group])
+            if self.model.task == FEATURE_EXTRACTION:
+                outputs: Sequence = list(self.model.embed_feeds(feeds))
+            else:
+                outputs = self.model.classify_feeds(feeds)
+            self.metrics.inference.labels(self.model.task).observe(time.perf_counter() - start)
+            for i, output in zip(group, outputs, strict=True):
+                results[i] = output
         return results
 
     def check_count(self, count: int, field: str) -> None:
@@ -290,11 +303,9 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
         await service.close()  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="hypermerge serve", version=_version(), lifespan=lifespan,
-                  # `curl -d '{...}'` sends form-encoded content type: read JSON whatever the header says
-                  strict_content_type=False,
                   description=f"Serving {service.name} ({model.task}) on onnxruntime.")
     app.state.service = service
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_RequestGate, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts everything
 
     @app.exception_handler(APIError)
@@ -395,10 +406,15 @@ class _TooLarge(Exception):
     pass
 
 
-class _BodyLimit:
-    """413 in the API's error shape for a body over the limit: at once for a declared Content-Length,
-    as the bytes arrive for a chunked body (whatever the app made of the interrupted read, the
-    client gets the 413)."""
+class _RequestGate:
+    """What happens to a request before the app sees it.
+
+    - 413 in the API's error shape for a body over the limit: at once for a declared Content-Length,
+      as the bytes arrive for a chunked body (whatever the app made of the interrupted read, the
+      client gets the 413).
+    - Every POST body is read as JSON, whatever its Content-Type: the API takes nothing else, and
+      ``curl -d '{...}'`` labels its JSON form-encoded.
+    """
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -412,10 +428,15 @@ class _BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             await self._response(int(declared))(scope, receive, send)
             return
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and not content_type.endswith(b"json"):
+            scope = {**scope, "headers": [*((k, v) for k, v in scope["headers"] if k.lower() != b"content-type"),
+                                          (b"content-type", b"application/json")]}
         received, too_large, replaced = 0, False, False
 
         async def limited_receive() -> Message:

@@ -167,6 +167,35 @@ class MicroBatcher(Generic[Item, Result]):
             start += len(entry.items)
 
 
+def length_groups(lengths: Sequence[int], run_cost: float) -> list[list[int]]:
+    """Split a batch into runs of similar length: indices grouped so that the padded tokens of all
+    runs plus ``run_cost`` per run is smallest (an exact dynamic programme over the sorted lengths).
+
+    A padded batch costs about (rows × longest row) token slots; one run more costs ``run_cost``
+    slots of fixed overhead. ``run_cost`` = inf keeps one run.
+
+    Returns:
+        Lists of indices into ``lengths``, shortest texts first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    if n == 0 or run_cost == float("inf"):
+        return [order] if n else []
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the j shortest
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last run holds the sorted items i..j-1, padded to sorted_lengths[j-1]
+            cost = best[i] + run_cost + (j - i) * sorted_lengths[j - 1]
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[start[j]:j])
+        j = start[j]
+    return groups[::-1]
+
+
 def _resolve(future: asyncio.Future, *, result=None, exc: BaseException | None = None) -> None:
     if future.done():  # cancelled by a caller that went away
         return

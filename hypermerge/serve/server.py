@@ -31,6 +31,7 @@ from hypermerge.errors import HypermergeError
 from hypermerge.export.runtime import OnnxModel
 from hypermerge.serve.app import ServeSettings
 
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 SETTINGS_ENV = "HYPERMERGE_SERVE_SETTINGS"  # JSON {"path": ..., **ServeSettings} for worker processes
 
 log = logging.getLogger("hypermerge.serve")
@@ -47,7 +48,9 @@ def load_model(path: str | Path, settings: ServeSettings) -> OnnxModel:
     threads = settings.threads
     if threads is None and settings.workers > 1:  # workers share the cores rather than oversubscribe them
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
-    return OnnxModel.load(path, provider=settings.provider, threads=threads)
+    # No spinning: between model runs the worker's other threads (event loop, tokenizer) need the
+    # cores that onnxruntime's idle threads would otherwise keep busy-waiting on (benchmarks/RESULTS.md).
+    return OnnxModel.load(path, provider=settings.provider, threads=threads, session_config=NO_SPINNING)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -57,7 +60,9 @@ def bind(host: str, port: int) -> socket.socket:
         HypermergeError: the address is in use, not available here, or not allowed.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket
+    # says TCP; without it, Nagle's algorithm and delayed ACKs added ~40 ms to each response
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -101,8 +106,9 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
     settings = settings or ServeSettings()
     sock = bind(settings.host, settings.port)  # first: a taken port is known before a long model load
     try:
-        model = load_model(path, settings)  # in the parent too: start-up errors surface here, as one line
-        app = create_app(model, settings) if settings.workers == 1 else None
+        # in the parent even with several workers: start-up errors surface here, as one line
+        model = load_model(path, settings)
+        app = create_app(model, settings)
     except BaseException:
         sock.close()
         raise
@@ -123,7 +129,7 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
             signal.signal(signal.SIGTERM, previous)
             sock.close()
         return
-    del model  # each worker loads its own
+    del model, app  # each worker loads its own
     metrics_dir = tempfile.mkdtemp(prefix="hypermerge-metrics-")
     os.environ[SETTINGS_ENV] = json.dumps({"path": str(Path(path).absolute()), **dataclasses.asdict(settings)})
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in each worker

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hypermerge.serve.batching import MicroBatcher
+from hypermerge.serve.batching import MicroBatcher, length_groups
 
 
 class Recorder:
@@ -143,3 +143,22 @@ def test_a_lone_request_runs_after_max_wait_and_close_drains_the_queue():
             await batcher.submit([1])
 
     asyncio.run(_with_batcher(Recorder(), after_close))
+
+
+@pytest.mark.parametrize("lengths", [[], [5], [3, 15, 9, 15, 3, 14, 13, 9], list(range(1, 40)), [7] * 10])
+def test_length_groups_cover_every_item_and_beat_one_padded_run(lengths):
+    groups = length_groups(lengths, 16.0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+    def cost(gs):
+        return sum(16.0 + len(g) * max(lengths[i] for i in g) for g in gs)
+
+    if lengths:
+        assert cost(groups) <= cost([list(range(len(lengths)))])
+        # every group holds a contiguous range of the sorted lengths
+        ordered = [lengths[i] for g in groups for i in g]
+        assert ordered == sorted(lengths)
+    assert length_groups(lengths, float("inf")) == ([sorted(range(len(lengths)), key=lambda i: lengths[i])]
+                                                    if lengths else [])
+    assert length_groups([3, 3, 20, 20], 1.0) == [[0, 1], [2, 3]]  # cheap runs: split by length
+    assert length_groups([3, 3, 20, 20], 1000.0) == [[0, 1, 2, 3]]  # costly runs: pad instead

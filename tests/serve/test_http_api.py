@@ -300,3 +300,10 @@ def test_chunked_body_over_the_limit_gets_413(embed_url):
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "request_too_large"
     assert httpx.get(f"{embed_url}/health").status_code == 200
+
+
+def test_json_is_read_whatever_the_content_type(embed_url):
+    """`curl -d '{...}'` without a header sends application/x-www-form-urlencoded."""
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}, {}):
+        response = httpx.post(f"{embed_url}/v1/embeddings", content=b'{"input": "a"}', headers=headers, timeout=60)
+        assert response.status_code == 200, (headers, response.text)

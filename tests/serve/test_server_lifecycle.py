@@ -3,6 +3,7 @@ in-flight requests finish."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,10 +96,15 @@ def test_port_in_use_is_one_line(exports):
                                      "listens there, or pass another --port (0 picks a free one).")
 
 
-@pytest.mark.parametrize("case", ["missing dir", "not an export", "no onnxruntime provider", "bad settings"])
+@pytest.mark.parametrize("case", ["missing dir", "not an export", "no tokenizer", "no onnxruntime provider",
+                                  "bad settings"])
 def test_start_up_errors_are_one_line(exports, tmp_path, case):
     export = exports["sequence-classification"]
-    args = {"missing dir": [str(tmp_path / "nope")],
+    bare = tmp_path / "bare"  # an export without its tokenizer files
+    bare.mkdir()
+    for name in ("model.onnx", "config.json"):
+        shutil.copy(export / name, bare / name)
+    args = {"missing dir": [str(tmp_path / "nope")], "no tokenizer": [str(bare)],
             "not an export": [str(tmp_path)],
             "no onnxruntime provider": [str(export), "--provider", "tensorrt"],
             "bad settings": [str(export), "--max-batch", "0", "--workers", "0"]}[case]
@@ -106,7 +112,7 @@ def test_start_up_errors_are_one_line(exports, tmp_path, case):
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hypermerge: error: "), result.output
-    expected = {"missing dir": "not found", "not an export": "ONNX model not found",
+    expected = {"missing dir": "not found", "not an export": "ONNX model not found", "no tokenizer": "no tokenizer",
                 "no onnxruntime provider": "TensorrtExecutionProvider",
                 "bad settings": "--max-batch must be at least 1 (got 0); --workers must be at least 1"}[case]
     assert expected in lines[0]
