@@ -10,7 +10,9 @@ count then runs ``--duration`` seconds per configuration, in ``--rounds`` slices
 between the configurations, so that a change in the machine's load hits both alike (the machine is
 shared). Every client sends one-sentence ``/v1/embeddings`` requests back to back on its own
 keep-alive connection (a closed loop). Reported: requests/s, p50/p99 latency over all slices,
-errors, and the server's own mean batch size from /metrics.
+errors, the server's own mean batch size from /metrics, and the server process's CPU time per
+request (user + system, from /proc): a figure that the other load on a shared machine disturbs
+less than throughput does.
 "micro-batching" is `--max-batch N --max-wait-ms M`; "batch-1" is `--max-batch 1` (every request its
 own model run). Traffic goes to 127.0.0.1 only; every loop stops at its deadline or after
 ``--max-requests`` requests, whichever comes first.
@@ -65,6 +67,14 @@ class Server:
             raise SystemExit(f"server did not start: {line!r}")
         self.port = int(line.split("on http://", 1)[1].split()[0].rsplit(":", 1)[1])
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (Linux), None elsewhere."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
@@ -111,7 +121,7 @@ async def metrics(port: int) -> dict[str, float]:
     return values
 
 
-async def load(port: int, clients: int, duration: float, max_requests: int) -> dict:
+async def load(port: int, clients: int, duration: float, max_requests: int, server: Server | None = None) -> dict:
     """``clients`` closed-loop clients for ``duration`` seconds (or ``max_requests`` requests)."""
     latencies: list[float] = []
     errors = 0
@@ -142,11 +152,14 @@ async def load(port: int, clients: int, duration: float, max_requests: int) -> d
             writer.close()
 
     before = await metrics(port)
+    cpu_before = server.cpu_seconds() if server else None
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     elapsed = time.perf_counter() - started
+    cpu_after = server.cpu_seconds() if server else None
     after = await metrics(port)
     return {"seconds": elapsed, "latencies": latencies, "errors": errors,
+            "cpu": cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
             "runs": after["hypermerge_batch_size_count"] - before.get("hypermerge_batch_size_count", 0),
             "texts": after["hypermerge_batch_size_sum"] - before.get("hypermerge_batch_size_sum", 0)}
 
@@ -162,7 +175,9 @@ def summary(config: str, clients: int, slices: list[dict]) -> dict:
             "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)
             if latencies else None,
-            "mean_batch": round(texts / runs, 2) if runs else None}
+            "mean_batch": round(texts / runs, 2) if runs else None,
+            "server_cpu_ms_per_req": round(1000 * sum(s["cpu"] for s in slices) / len(latencies), 2)
+            if latencies and all(s["cpu"] is not None for s in slices) else None}
 
 
 async def warm_up(port: int) -> None:
@@ -200,7 +215,7 @@ def main() -> None:
             for _ in range(args.rounds):  # alternate: both configurations see the same machine load
                 for name, server in servers.items():
                     slices[name].append(asyncio.run(load(server.port, clients, args.duration / args.rounds,
-                                                         args.max_requests // args.rounds)))
+                                                         args.max_requests // args.rounds, server)))
             for name in configs:
                 rows.append(summary(name, clients, slices[name]))
                 print(json.dumps(rows[-1]), flush=True)
@@ -210,15 +225,16 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {args.duration:g} s per row in {args.rounds} alternating slices; "
           f"micro-batching = --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}\n")
-    print("| config | clients | req/s | p50 ms | p99 ms | errors | mean batch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | clients | req/s | p50 ms | p99 ms | errors | mean batch | server CPU ms/req |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['config']} | {row['clients']} | {row['req_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-              f"{row['errors']} | {row['mean_batch']} |")
+              f"{row['errors']} | {row['mean_batch']} | {row['server_cpu_ms_per_req']} |")
     for clients in counts:
         batched = next(r for r in rows if r["config"] == "micro-batching" and r["clients"] == clients)
         single = next(r for r in rows if r["config"] == "batch-1" and r["clients"] == clients)
-        print(f"{clients} clients: micro-batching / batch-1 throughput = {batched['req_per_s'] / single['req_per_s']:.2f}x")
+        print(f"{clients} clients: micro-batching / batch-1: throughput {batched['req_per_s'] / single['req_per_s']:.2f}x, "
+              f"server CPU per request {single['server_cpu_ms_per_req'] / batched['server_cpu_ms_per_req']:.2f}x less")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 

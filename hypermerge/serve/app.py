@@ -53,6 +53,7 @@ log = logging.getLogger("hypermerge.serve")
 TASK_ENDPOINTS = {FEATURE_EXTRACTION: "/v1/embeddings", SEQUENCE_CLASSIFICATION: "/v1/classify",
                   CAUSAL_LM: "/v1/completions"}
 CPU_RUN_COST = 16.0
+_ARRIVING = "hypermerge.arriving"  # scope key: this request still counts in Service.arriving
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", *TASK_ENDPOINTS.values()})
 
 
@@ -155,7 +156,10 @@ class Service:
         if model.task in (FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION):
             self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
                                         max_wait=settings.max_wait_ms / 1000, executor=self.executor,
-                                        on_batch=metrics.observe_batch)
+                                        on_batch=metrics.observe_batch, more_coming=lambda: self.arriving > 0)
+        # encoder requests received (by _RequestGate) but not yet handed to the batcher: the ones a
+        # batch may wait for. Touched on the event loop thread only.
+        self.arriving = 0
 
     # --- encoders -------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, encoded: list[dict]) -> list:
@@ -204,13 +208,26 @@ class Service:
                                code="context_length_exceeded")
         return encoded
 
-    async def encode(self, texts: list[str], truncate: bool, key: Hashable) -> tuple[list, int]:
+    def arrived(self, scope: Scope) -> None:
+        """An encoder request came in: batches may wait for it until :meth:`submitted`."""
+        self.arriving += 1
+        scope[_ARRIVING] = [True]  # a shared cell: Starlette may hand the endpoint a copy of the scope
+
+    def submitted(self, scope: Scope) -> None:
+        """The request reached the batcher, or ended before it (idempotent)."""
+        cell = scope.get(_ARRIVING)
+        if cell and cell[0]:
+            cell[0] = False
+            self.arriving -= 1
+
+    async def encode(self, texts: list[str], truncate: bool, key: Hashable, scope: Scope) -> tuple[list, int]:
         """Results per text (through the batcher) and the number of prompt tokens."""
         self.check_count(len(texts), "input")
         encoded = await run_in_threadpool(self.tokenize, texts, truncate)
         tokens = sum(len(item["input_ids"]) for item in encoded)
         self.metrics.tokens.labels("prompt").inc(tokens)
         assert self.batcher is not None
+        self.submitted(scope)
         return await self.batcher.submit(encoded, key), tokens
 
     # --- generation -----------------------------------------------------------------------------
@@ -305,7 +322,7 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
     app = FastAPI(title="hypermerge serve", version=_version(), lifespan=lifespan,
                   description=f"Serving {service.name} ({model.task}) on onnxruntime.")
     app.state.service = service
-    app.add_middleware(_RequestGate, limit=settings.max_body_bytes)
+    app.add_middleware(_RequestGate, limit=settings.max_body_bytes, service=service)
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts everything
 
     @app.exception_handler(APIError)
@@ -356,9 +373,9 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
 
     if model.task == FEATURE_EXTRACTION:
         @app.post("/v1/embeddings")
-        async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+        async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
             """Sentence embeddings (OpenAI's shape)."""
-            vectors, tokens = await service.encode(body.texts(), body.truncate, body.batch_key())
+            vectors, tokens = await service.encode(body.texts(), body.truncate, body.batch_key(), request.scope)
             data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
                     for i, v in enumerate(vectors)]
             return JSONResponse({"object": "list", "data": data, "model": service.name,
@@ -366,9 +383,9 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
 
     if model.task == SEQUENCE_CLASSIFICATION:
         @app.post("/v1/classify")
-        async def classify(body: ClassifyRequest) -> JSONResponse:
+        async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
             """Label, score and every label's probability per text (label names from the config)."""
-            results, tokens = await service.encode(body.texts(), body.truncate, body.batch_key())
+            results, tokens = await service.encode(body.texts(), body.truncate, body.batch_key(), request.scope)
             data = [{"index": i, **result} for i, result in enumerate(results)]
             return JSONResponse({"object": "list", "data": data, "model": service.name,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
@@ -416,8 +433,8 @@ class _RequestGate:
       ``curl -d '{...}'`` labels its JSON form-encoded.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, service: Service):
+        self.app, self.limit, self.service = app, limit, service
 
     def _response(self, size: int | None) -> JSONResponse:
         told = f"has {size} bytes" if size is not None else "is larger than that"
@@ -458,11 +475,16 @@ class _RequestGate:
                 return
             await send(message)
 
+        encoder = self.service.batcher is not None and scope["path"] == TASK_ENDPOINTS[self.service.model.task]
+        if encoder and scope["method"] == "POST":
+            self.service.arrived(scope)
         try:
             await self.app(scope, limited_receive, checked_send)
         except _TooLarge:
             if not replaced:
                 await self._response(None)(scope, receive, send)
+        finally:
+            self.service.submitted(scope)  # a request that failed before the batcher
 
 
 def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -1,11 +1,12 @@
 """Micro-batching: concurrent requests merged into one model run.
 
 Requests queue up while the model is busy; when it frees up, the batcher takes what is queued (up
-to ``max_batch`` items, oldest first) and runs it as one batch. It waits at most ``max_wait``
-seconds, counted from the arrival of the oldest queued request, for more to come while the batch
-is not full: the same rule as Triton's ``max_queue_delay_microseconds``. Under load the wait has
-usually passed by the time the previous batch ends, so batches form with no added latency; a lone
-request pays at most ``max_wait``.
+to ``max_batch`` items, oldest first) and runs it as one batch. While the batch is not full and
+more requests are known to be on their way (``more_coming``: received by the server but still
+being read or tokenized), it waits for them, at most ``max_wait`` seconds counted from the arrival
+of the oldest queued request: Triton's ``max_queue_delay_microseconds`` rule, minus the wait when
+nobody else is coming. So a lone request never waits, and under load batches form from what piled
+up during the previous run.
 
 Only items with the same key are batched together (today every encoder request has the key None;
 requests that carry different runtime adapters will get different keys).
@@ -46,16 +47,19 @@ class MicroBatcher(Generic[Item, Result]):
         max_wait: seconds a batch may wait for more items, from its oldest item's arrival.
         executor: where ``run`` executes (one thread: model runs never overlap).
         on_batch: called with (items, requests) after every successful batch (metrics).
+        more_coming: whether requests that will submit soon exist (None: assume so, wait the full
+            ``max_wait`` for a batch that is not full).
     """
 
     def __init__(self, run: Callable[[Hashable, list[Item]], Sequence[Result]], *, max_batch: int,
-                 max_wait: float, executor: Executor, on_batch: Callable[[int, int], None] | None = None):
+                 max_wait: float, executor: Executor, on_batch: Callable[[int, int], None] | None = None,
+                 more_coming: Callable[[], bool] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_wait < 0:
             raise ValueError("max_wait must be non-negative")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
-        self.executor, self.on_batch = executor, on_batch
+        self.executor, self.on_batch, self.more_coming = executor, on_batch, more_coming
         self._pending: collections.deque[_Entry] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -112,10 +116,10 @@ class MicroBatcher(Generic[Item, Result]):
                 await self._wake.wait()
                 continue
             oldest = self._pending[0]
-            # wait for company while the batch is not full and the oldest item may still wait
+            # wait for company while the batch is not full, company is coming and the oldest may still wait
             while not self._closing and self._queued(oldest.key) < self.max_batch:
                 remaining = oldest.arrived + self.max_wait - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or (self.more_coming is not None and not self.more_coming()):
                     break
                 self._wake.clear()
                 try:

@@ -98,6 +98,7 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self.pid = str(os.getpid()).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,6 +112,8 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # which worker process answered (with --workers K, for debugging and load checks)
+                message = {**message, "headers": [*message.get("headers", []), (b"x-hypermerge-pid", self.pid)]}
             await send(message)
 
         self.metrics.in_flight.inc()

@@ -162,3 +162,36 @@ def test_length_groups_cover_every_item_and_beat_one_padded_run(lengths):
                                                     if lengths else [])
     assert length_groups([3, 3, 20, 20], 1.0) == [[0, 1], [2, 3]]  # cheap runs: split by length
     assert length_groups([3, 3, 20, 20], 1000.0) == [[0, 1, 2, 3]]  # costly runs: pad instead
+
+
+def test_a_batch_waits_only_while_more_requests_are_coming():
+    """max_wait is long here: with nobody coming the lone request runs at once; with someone coming,
+    the batch waits for them and both share one run."""
+    coming = {"value": False}
+
+    async def run_with(batcher_body):
+        recorder = Recorder()
+        with ThreadPoolExecutor(1) as executor:
+            batcher = MicroBatcher(recorder, max_batch=2, max_wait=30.0, executor=executor,
+                                   more_coming=lambda: coming["value"])
+            batcher.start()
+            try:
+                return await asyncio.wait_for(batcher_body(batcher), timeout=10), recorder.batches
+            finally:
+                await batcher.close()
+
+    async def lone(batcher):
+        return await batcher.submit([1])
+
+    result, batches = asyncio.run(run_with(lone))
+    assert result == [2] and batches == [(None, [1])]
+
+    async def pair(batcher):
+        coming["value"] = True  # the second request has reached the server but not the batcher yet
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.submit([2]))  # fills the batch: it runs
+        return await first, await second
+
+    results, batches = asyncio.run(run_with(pair))
+    assert results == ([2], [4]) and batches == [(None, [1, 2])]
