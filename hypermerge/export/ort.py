@@ -44,7 +44,7 @@ def resolve_providers(provider: str = "auto") -> list[str]:
 
 
 def open_session(path: str | Path, provider: str = "auto", threads: int | None = None, *,
-                 exact: bool = False):
+                 exact: bool = False, session_config: dict[str, str] | None = None):
     """An ``InferenceSession`` on ``path``.
 
     Args:
@@ -52,6 +52,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         threads: intra-op threads (None: onnxruntime's default, one per core).
         exact: for parity checks: keep CUDA from using TF32 matmuls, which would hide real errors
             behind its own ~1e-3 noise.
+        session_config: onnxruntime session config entries (``SessionOptions.add_session_config_entry``),
+            e.g. ``{"session.intra_op.allow_spinning": "0"}``.
 
     Raises:
         ExportError: the file is missing or onnxruntime rejects it.
@@ -63,6 +65,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         raise ExportError("ONNX model not found", path=path, hint="export it first with hypermerge export")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -11,8 +11,9 @@ An export made with ``--adapter-inputs`` takes HyperAdapt adapters per call:
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from hypermerge.export.tasks import (
     IOContract,
     contract_from_onnx,
 )
+from hypermerge.export.textstream import TextStream, needs_word_holdback
 
 MODEL_FILE = "model.onnx"
 
@@ -68,13 +70,14 @@ def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.G
     return picks
 
 
-def decode(run: Runner, contract: IOContract, input_ids: np.ndarray, attention_mask: np.ndarray, *,
-           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-           pad_token_id: int = 0, seed: int | None = None) -> np.ndarray:
-    """Generate with the KV cache: one prefill over the (left-padded) prompts, then one step per token.
+def decode_steps(run: Runner, contract: IOContract, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 pad_token_id: int = 0, seed: int | None = None) -> Iterator[np.ndarray]:
+    """:func:`decode` one step at a time: each ``next()`` runs exactly one forward pass (the prefill
+    first, then one decode step) and yields that step's token per row, shape (batch,).
 
-    Rows that produced ``eos_token_id`` get ``pad_token_id`` afterwards and decoding stops when all
-    rows are done (as transformers' ``generate``). Returns the new tokens, (batch, n ≤ max_new_tokens).
+    A server schedules the steps of concurrent streams one by one on its inference thread, which
+    is why this is a generator rather than a loop.
     """
     batch = input_ids.shape[0]
     rng = np.random.default_rng(seed)
@@ -83,21 +86,47 @@ def decode(run: Runner, contract: IOContract, input_ids: np.ndarray, attention_m
     feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask,
              "position_ids": positions(mask, input_ids.shape[1]), **{name: empty for name in contract.past_names}}
     finished = np.zeros(batch, dtype=bool)
-    tokens: list[np.ndarray] = []
     for step in range(max_new_tokens):
         outputs = run(feeds)
         token = _pick(outputs[0][:, -1, :], temperature, top_p, rng)
         if eos_token_id is not None:
             token = np.where(finished, pad_token_id, token)
             finished |= token == eos_token_id
-        tokens.append(token)
+        yield token
         if step == max_new_tokens - 1 or finished.all():
-            break
+            return
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None].astype(np.int64), "attention_mask": mask,
                  "position_ids": feeds["position_ids"][:, -1:] + 1,
                  **dict(zip(contract.past_names, outputs[1:], strict=True))}
+
+
+def decode(run: Runner, contract: IOContract, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+           pad_token_id: int = 0, seed: int | None = None) -> np.ndarray:
+    """Generate with the KV cache: one prefill over the (left-padded) prompts, then one step per token.
+
+    Rows that produced ``eos_token_id`` get ``pad_token_id`` afterwards and decoding stops when all
+    rows are done (as transformers' ``generate``). Returns the new tokens, (batch, n ≤ max_new_tokens).
+    """
+    tokens = list(decode_steps(run, contract, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, seed=seed))
     return np.stack(tokens, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStep:
+    """One step of :meth:`OnnxModel.stream`.
+
+    ``text`` is the new text since the previous step ("" while a word or a multi-byte character is
+    still incomplete); ``tokens`` counts the tokens generated so far; ``finish_reason`` is None until
+    the last step, then "stop" (end-of-sequence token or a stop string) or "length".
+    """
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
 
 
 class OnnxModel:
@@ -120,10 +149,11 @@ class OnnxModel:
         layout = read_layout(path)
         self.adapter_scales = None if layout is None else AdapterScalesCache(
             layout, self.ADAPTER_CACHE_SIZE, weights_map=read_weights_map(path))
+        self._word_holdback: bool | None = None  # found on the first stream() call
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None,
-             model_file: str = MODEL_FILE) -> OnnxModel:
+             model_file: str = MODEL_FILE, session_config: dict[str, str] | None = None) -> OnnxModel:
         """Open an exported directory.
 
         Args:
@@ -132,13 +162,15 @@ class OnnxModel:
                 cuda or tensorrt.
             threads: intra-op threads (None: one per core).
             model_file: ``model.onnx``, or ``model.int8.onnx`` where the int8 model was kept.
+            session_config: onnxruntime session config entries, e.g.
+                ``{"session.intra_op.allow_spinning": "0"}`` (what ``hypermerge serve`` sets).
 
         Raises:
             CheckpointError: the directory does not exist.
             ExportError: no loadable ONNX model in it.
         """
         path = require_dir(path, "exported model directory").absolute()
-        session = open_session(path / model_file, provider, threads)
+        session = open_session(path / model_file, provider, threads, session_config=session_config)
         past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
         contract = contract_from_onnx([i.name for i in session.get_inputs()],
                                       [o.name for o in session.get_outputs()], past[0] if past else None)
@@ -212,6 +244,53 @@ class OnnxModel:
             feeds["token_type_ids"] = batch.get("token_type_ids", np.zeros_like(feeds["input_ids"])).astype(np.int64)
         return feeds
 
+    def pad_batch(self, encoded: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, np.ndarray]:
+        """Feeds for pre-tokenised texts, padded as the tokenizer pads (its side, its pad id).
+
+        Args:
+            encoded: one ``{"input_ids": [...], "token_type_ids": [...] (optional)}`` per text, as
+                ``tokenizer(text)`` returns them unpadded.
+
+        Returns:
+            ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the graph takes them),
+            int64 (len(encoded), longest).
+        """
+        longest = max((len(e["input_ids"]) for e in encoded), default=0)
+        ids = np.full((len(encoded), longest), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(encoded), longest), dtype=np.int64)
+        types = np.zeros((len(encoded), longest), dtype=np.int64)
+        left = self.tokenizer.padding_side == "left"
+        for row, item in enumerate(encoded):
+            n = len(item["input_ids"])
+            cols = slice(longest - n, longest) if left else slice(0, n)
+            ids[row, cols] = item["input_ids"]
+            mask[row, cols] = 1
+            if item.get("token_type_ids") is not None:
+                types[row, cols] = item["token_type_ids"]
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.contract.inputs:
+            feeds["token_type_ids"] = types
+        return feeds
+
+    def embed_feeds(self, feeds: dict[str, np.ndarray], *, normalize: bool = True,
+                    adapter: str | Path | None = None) -> np.ndarray:
+        """:meth:`embed` on already tokenised, padded inputs (one forward pass): (batch, hidden) float32."""
+        return mean_pool(self.run(feeds, adapter=adapter)[0], feeds["attention_mask"], normalize)
+
+    def classify_feeds(self, feeds: dict[str, np.ndarray], *, adapter: str | Path | None = None) -> list[dict]:
+        """:meth:`classify` on already tokenised, padded inputs (one forward pass)."""
+        id2label = {int(k): v for k, v in self.config.get("id2label", {}).items()}
+        logits = self.run(feeds, adapter=adapter)[0].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        results = []
+        for row in probs:
+            labels = [id2label.get(i, f"LABEL_{i}") for i in range(len(row))]
+            best = int(row.argmax())
+            results.append({"label": labels[best], "score": float(row[best]),
+                            "scores": dict(zip(labels, map(float, row), strict=True))})
+        return results
+
     def embed(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = True,
               max_length: int | None = 512, adapter: str | Path | None = None) -> np.ndarray:
         """Sentence embeddings: mean over valid tokens of ``last_hidden_state``, L2-normalised.
@@ -223,11 +302,9 @@ class OnnxModel:
             float32 array (len(texts), hidden).
         """
         self._require(FEATURE_EXTRACTION, "embed")
-        extra = self._scales(adapter)
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            feeds = self._encode(texts[start:start + batch_size], max_length)
-            chunks.append(mean_pool(self._run(feeds, extra)[0], feeds["attention_mask"], normalize))
+        chunks = [self.embed_feeds(self._encode(texts[start:start + batch_size], max_length), normalize=normalize,
+                                   adapter=adapter)
+                  for start in range(0, len(texts), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
     def classify(self, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = 512,
@@ -241,18 +318,10 @@ class OnnxModel:
             One ``{"label", "score", "scores": {label: probability}}`` per text.
         """
         self._require(SEQUENCE_CLASSIFICATION, "classify")
-        extra = self._scales(adapter)
-        id2label = {int(k): v for k, v in self.config.get("id2label", {}).items()}
         results = []
         for start in range(0, len(texts), batch_size):
-            logits = self._run(self._encode(texts[start:start + batch_size], max_length), extra)[0].astype(np.float64)
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            for row in probs:
-                labels = [id2label.get(i, f"LABEL_{i}") for i in range(len(row))]
-                best = int(row.argmax())
-                results.append({"label": labels[best], "score": float(row[best]),
-                                "scores": dict(zip(labels, map(float, row), strict=True))})
+            results.extend(self.classify_feeds(self._encode(texts[start:start + batch_size], max_length),
+                                               adapter=adapter))
         return results
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -280,3 +349,45 @@ class OnnxModel:
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
                         pad_token_id=self.tokenizer.pad_token_id or 0, seed=seed)
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, *, seed: int | None = None, stop_at_eos: bool = True,
+               stop: Sequence[str] = ()) -> Iterator[StreamStep]:
+        """Continue one prompt, yielding text as it is generated.
+
+        Each ``next()`` runs one forward pass (the prefill, then one token). Without stop strings the
+        texts joined equal ``generate([prompt], ...)[0]`` with the same arguments; with them, that text
+        cut before the first stop string.
+
+        Args:
+            prompt: the text, or its token ids (as ``tokenizer(text)["input_ids"]``).
+            max_new_tokens, temperature, top_p, seed, stop_at_eos: as in :meth:`generate`.
+            stop: strings that end the generation (not included in the text).
+
+        Yields:
+            :class:`StreamStep` per token; the last one has a ``finish_reason``.
+
+        Raises:
+            ConfigError: not a causal-lm export, or max_new_tokens < 1.
+        """
+        self._require(CAUSAL_LM, "stream")
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        input_ids = np.asarray([ids], dtype=np.int64)
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        if self._word_holdback is None:
+            self._word_holdback = needs_word_holdback(self.tokenizer)
+        text = TextStream(self.tokenizer, stop, word_holdback=self._word_holdback)
+        steps = decode_steps(self.run, self.contract, input_ids, np.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
+                             pad_token_id=self.tokenizer.pad_token_id or 0, seed=seed)
+        for count, token in enumerate(steps, start=1):
+            delta = text.push(int(token[0]))
+            if text.stopped or (eos is not None and int(token[0]) == eos):
+                yield StreamStep(delta + text.finish(), count, "stop")
+                return
+            if count == max_new_tokens:
+                yield StreamStep(delta + text.finish(), count, "length")
+                return
+            yield StreamStep(delta, count)
