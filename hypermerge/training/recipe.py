@@ -498,6 +498,8 @@ def load_recipe(recipe: str | Path | Recipe | Mapping[str, Any], overrides: Iter
     Raises:
         ConfigError: the file is missing or not YAML, or the recipe is invalid (every problem at once).
     """
+    if isinstance(overrides, str):
+        overrides = [overrides]
     source: str | Path | None = None
     if isinstance(recipe, Recipe):
         source = recipe.source

@@ -542,7 +542,7 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
         if changed:
             _say(talk, f"note: training settings differ from the original run: {', '.join(changed)}")
     if main:
-        _write_text(out / RECIPE_FILE, json_safe_yaml(resolved))
+        _write_text(out / RECIPE_FILE, _yaml_text(resolved))
     _say(talk, f"{recipe.adapter.method} on {base} ({recipe.task}); {trainable:,} trainable values "
                f"({trainable / total:.3%} of {total:,}); {total_steps} steps, global batch "
                f"{recipe.training.batch_size} on {world} {device} process(es), {precision}")
@@ -596,10 +596,10 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     return result
 
 
-def json_safe_yaml(values: dict[str, Any]) -> str:
+def _yaml_text(values: dict[str, Any]) -> str:
     import yaml
 
-    return yaml.safe_dump(json.loads(json.dumps(values)), sort_keys=False)
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def _metrics(trainer: HypermergeTrainer, recipe: Recipe, *, base: Path, trainable: int, total: int,
