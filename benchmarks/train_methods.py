@@ -71,7 +71,6 @@ def run_one(method: str, steps: int, out: Path) -> dict:
 
 def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], out: Path) -> dict:
     """The same pipeline as ``hm.train`` with the model wrapped by PEFT."""
-    import torch
     import transformers
 
     from hypermerge.training import tasks
@@ -91,8 +90,7 @@ def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], o
         compute_metrics=tasks.accuracy, preprocess_logits_for_metrics=tasks.argmax_logits, callbacks=[timer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     trainer.model_accepts_loss_kwargs = False  # as hm.train does for classification
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    hm_trainer._reset_peak_memory(device)
     trainer.train()
     evaluation = trainer.evaluate()
     memory, memory_kind = hm_trainer._peak_memory(device)

@@ -410,10 +410,28 @@ def _adapter_digest(model: nn.Module, full: bool) -> str:
     return digest.hexdigest()
 
 
+def _reset_peak_memory(device: str) -> None:
+    """Start the peak-memory count at training (loading the model and data is not training)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_memory(device: str) -> tuple[float, str]:
+    """Peak memory since ``_reset_peak_memory`` in MiB, and what was measured."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
-    # ru_maxrss is in KiB on Linux, bytes on macOS
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS during training"
+    except (OSError, ValueError, IndexError):
+        pass
+    # elsewhere: the process's peak so far (KiB on Linux, bytes on macOS)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
 
@@ -551,8 +569,7 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     if resume_from is not None:
         _say(talk, f"resuming from {resume_from}")
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory(device)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_seconds = time.perf_counter() - started
