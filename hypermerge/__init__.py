@@ -8,6 +8,7 @@
     hm.export_model("folded", "exported")        # or: hypermerge export folded --out exported
     hm.OnnxModel.load("exported").embed(["..."])
     hm.patch_export("exported", "adapter", "patched")   # or: hypermerge patch exported --adapter adapter --out patched
+    hm.train("train/minilm-sentiment-hyperadapt.yaml", max_steps=100)   # or: hypermerge train RECIPE
 """
 
 from hypermerge._version import __version__
@@ -53,7 +54,6 @@ from hypermerge.inspect import inspect_adapter
 from hypermerge.patch import PatchResult, patch_export
 
 __all__ = [
-    "__version__",
     "AdaLoRAConfig",
     "adapter_layers",
     "AdapterCheckpoint",
@@ -81,6 +81,7 @@ __all__ = [
     "inject",
     "inspect_adapter",
     "load_adapter",
+    "load_recipe",
     "LoRAConfig",
     "METHODS",
     "OnnxModel",
@@ -90,10 +91,26 @@ __all__ = [
     "PatchResult",
     "rank_pattern",
     "read_adapter",
+    "Recipe",
     "regularization_loss",
     "Report",
     "save_adapter",
     "set_total_steps",
+    "train",
     "trainable_parameters",
+    "TrainResult",
     "verify_export",
+    "__version__",
 ]
+
+_TRAINING_NAMES = ("Recipe", "TrainResult", "load_recipe", "train")
+
+
+def __getattr__(name: str):
+    # Training pulls in the transformers Trainer and accelerate: imported on first use only,
+    # so `import hypermerge` and `hypermerge fold` stay quick.
+    if name in _TRAINING_NAMES:
+        from hypermerge import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'hypermerge' has no attribute {name!r}")

@@ -304,6 +304,43 @@ def triton(export_dir: Path, repo_dir: Path, name: str | None, max_batch: int, m
                                    model_file=model_file, overwrite=overwrite))
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: the recipe's output_dir, else runs/<recipe name>].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides the recipe).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the run directory.")
+@click.option("--overwrite", is_flag=True, help="Remove a previous run in the run directory and start over.")
+@quiet_option
+def train(recipe: Path, output_dir: Path | None, max_steps: int | None, overrides: tuple[str, ...], resume: bool,
+          overwrite: bool, quiet: bool) -> None:
+    """Train an adapter (or a full fine-tune) from a recipe YAML; see train/ for recipes.
+
+    For DDP, launch with torchrun or accelerate launch: torchrun --nproc_per_node 2 -m hypermerge train RECIPE
+    """
+    from hypermerge.training import train as run_training
+
+    result = run_training(recipe, output_dir=output_dir, max_steps=max_steps, overrides=overrides, resume=resume,
+                          overwrite=overwrite, quiet=quiet)
+    if not result.metrics:  # not the first DDP process: it writes nothing
+        return
+    metrics = result.metrics
+    scores = f"eval loss {metrics['eval_loss']:.4f}" if metrics.get("eval_loss") is not None else "no eval set"
+    if metrics.get("eval_accuracy") is not None:
+        scores += f", eval accuracy {metrics['eval_accuracy']:.4f}"
+    click.echo(f"trained {metrics['method']} for {metrics['steps']} steps ({scores}); run in {result.output_dir}")
+    if result.adapter_dir is not None:
+        click.echo(f"  adapter  {result.adapter_dir}  (hypermerge fold --adapter {result.adapter_dir} --out DIR)")
+    if result.model_dir is not None:
+        click.echo(f"  model    {result.model_dir}")
+    click.echo(f"  metrics  {result.metrics_path}")
+    for plot in result.plots:
+        click.echo(f"  plot     {plot}")
+    click.echo(f"  recipe   {result.recipe_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="hypermerge")

@@ -165,3 +165,54 @@ def arithmetic_splits(train_size: int = 4000, validation_size: int = 500, test_s
             rows.append(Example(f"What is {a} {operation} {b}? Answer:", f" {answer}"))
         splits[split] = rows
     return splits
+
+
+# name -> (builder returning {"train", "validation", ...} -> examples, the task it is for)
+BUILTIN = {
+    "sentiment": (sentiment_splits, "sequence-classification"),
+    "arithmetic": (arithmetic_splits, "causal-lm"),
+}
+# Class names of the built-in classification sets (written into the model's config as id2label).
+BUILTIN_LABELS = {"sentiment": SENTIMENT_LABELS}
+
+
+def read_examples(path: str | Path, text_field: str, label_field: str | None) -> list[dict[str, object]]:
+    """Rows of a local ``.jsonl`` (one JSON object a line) or ``.csv`` (with a header) file, as
+    dicts holding ``text_field`` and, where present, ``label_field``.
+
+    Raises:
+        DataError: the file is missing or unreadable, a line is not JSON, or a row lacks ``text_field``.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("data file not found", path=path, hint="check data.train / data.validation in the recipe")
+    rows: list[dict[str, object]] = []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            if path.suffix == ".csv":
+                rows = list(csv.DictReader(handle))
+            else:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"line {number} is not JSON ({exc})", path=path,
+                                        hint="a .jsonl file holds one JSON object per line") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"line {number} is not a JSON object", path=path,
+                                        hint="a .jsonl file holds one JSON object per line")
+                    rows.append(row)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the data file ({exc})", path=path) from exc
+    if not rows:
+        raise DataError("the data file holds no examples", path=path)
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get(text_field), str):
+            fields = ", ".join(map(str, row)) or "none"
+            raise DataError(f"example {number} has no text field {text_field!r} (its fields: {fields})",
+                            path=path, hint="set data.text_field in the recipe")
+    return rows

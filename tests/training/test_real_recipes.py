@@ -1,0 +1,36 @@
+"""The shipped MiniLM recipes on the real model and data, for a few steps (slow: real weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import hypermerge as hm
+
+TRAIN_DIR = Path(__file__).resolve().parents[2] / "train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hyperadapt", "lora"])
+def test_minilm_sentiment_recipe_trains_and_folds(method, tmp_path):
+    result = hm.train(TRAIN_DIR / f"minilm-sentiment-{method}.yaml", output_dir=tmp_path / "run", max_steps=30,
+                      overrides=["data.eval_examples=128", "training.eval_steps=null", "training.save_steps=null"],
+                      quiet=True)
+    metrics = result.metrics
+    assert metrics["eval_accuracy"] > 0.55  # two classes, balanced: above chance after 30 steps
+    assert metrics["eval_loss"] < metrics["train_log"][0]["loss"]
+
+    hm.fold_checkpoint(result.adapter_dir, tmp_path / "folded")
+    base = Path(metrics["base_model"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    batch = tokenizer(["a gripping, beautifully acted film", "the jokes fall flat"], padding=True,
+                      return_tensors="pt")
+    adapted = hm.load_adapter(transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+                              result.adapter_dir).eval()
+    dense = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "folded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
+    assert dense.config.id2label == {0: "negative", 1: "positive"}
