@@ -88,6 +88,7 @@ class FoldPlan:
     bias_folds: dict[str, str]  # base bias name -> adapter target name (methods that scale biases)
     replacements: dict[str, str]  # base tensor name -> name in adapter's full tensors
     additions: dict[str, str]  # new tensor name in output -> name in adapter's full tensors
+    resized: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # replacements of a new size
 
 
 def plan_fold(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> FoldPlan:
@@ -125,18 +126,27 @@ def plan_fold(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> FoldPlan:
             bias_name = weight_name.removesuffix("weight") + "bias"
             if bias_name in base.shapes:
                 bias_folds[bias_name] = target
-    replacements, additions = {}, {}
+    replacements, additions, resized = {}, {}, {}
     for name, tensor in adapter.full_tensors().items():
         match = match_suffix(name, names)
         if match is None:
             additions[name] = name
             continue
-        if tuple(tensor.shape) != base.shapes[match]:
+        if tuple(tensor.shape) != base.shapes[match] and not _is_new_head(adapter, tensor):
             raise AdapterMismatchError(f"the adapter's {name} has shape {tuple(tensor.shape)} but the base's "
                                        f"{match} has {base.shapes[match]}", path=adapter.path,
                                        hint="fold onto the base model the adapter was trained on (--base)")
         replacements[match] = name
-    return FoldPlan(folds, bias_folds, replacements, additions)
+        if tuple(tensor.shape) != base.shapes[match]:
+            resized[match] = tuple(tensor.shape)
+    return FoldPlan(folds, bias_folds, replacements, additions, resized)
+
+
+def _is_new_head(adapter: AdapterCheckpoint, tensor: torch.Tensor) -> bool:
+    """A head trained from scratch for other labels (``id2label`` in the adapter's config
+    overrides) replaces the base's head whatever the base's label count was."""
+    labels = adapter.config_overrides.get("id2label")
+    return bool(labels) and tensor.dim() >= 1 and tensor.shape[0] == len(labels)
 
 
 def _check_fold_shapes(adapter: AdapterCheckpoint, base: BaseCheckpoint, folds: dict[str, str]) -> None:
@@ -303,7 +313,7 @@ def _output_tensors(checkpoint: AdapterCheckpoint, base: BaseCheckpoint, plan: F
                                           path=shard, hint="fold onto a base saved in float32, float16 or bfloat16")
                 tensors.append(OutputTensor(name, dtype, entry.shape, recipe, nbytes=entry.nbytes))
                 continue
-            tensors.append(OutputTensor(name, dtype, entry.shape, recipe))
+            tensors.append(OutputTensor(name, dtype, plan.resized.get(name, entry.shape), recipe))
         by_shard[shard] = tensors
     additions = []
     full = checkpoint.full_tensors() if plan.additions else {}

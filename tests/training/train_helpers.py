@@ -75,7 +75,11 @@ def arithmetic_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
-ADAPTER_OPTIONS = {"lora": {"r": 4, "alpha": 8}, "fakerank": {"r": 4, "target_r": 2}}
+# Small ranks and hypernetworks: the tiny bases have 32-wide layers.
+ADAPTER_OPTIONS = {"lora": {"r": 4, "alpha": 8}, "dora": {"r": 2, "alpha": 4}, "fakerank": {"r": 4, "target_r": 2},
+                   "adalora": {"init_r": 4, "target_r": 2, "alpha": 4},
+                   "hyperadalora": {"init_r": 4, "target_r": 2, "hyper_dim": 16, "hyper_heads": 2},
+                   "hyperlora": {"r": 2, "alpha": 4, "hyper_dim": 8, "hyper_heads": 2}}
 # Every weight moving at the adapters' rate makes a full fine-tune diverge.
 LEARNING_RATES = {"full": 5e-3}
 
