@@ -34,19 +34,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # method -> the recipe whose data and training settings it runs with
     "hyperadapt": "minilm-sentiment-hyperadapt",
     "lora": "minilm-sentiment-lora",
+    "adalora": "minilm-sentiment-adalora",
+    "hyperadalora": "minilm-sentiment-hyperadalora",
     "full": "minilm-sentiment-full",
     "peft-lora": "minilm-sentiment-lora",
+    "peft-adalora": "minilm-sentiment-adalora",
     "peft-ia3": "minilm-sentiment-hyperadapt",  # HyperAdapt's closest relative: its learning rate
 }
 LABELS = {
     "hyperadapt": "HyperAdapt (hypermerge)",
     "lora": "LoRA r=8 (hypermerge)",
+    "adalora": "AdaLoRA r 12→8 (hypermerge)",
+    "hyperadalora": "HyperAdaLoRA r 12→8 (hypermerge)",
     "full": "full fine-tune",
     "peft-lora": "LoRA r=8 (PEFT 0.21)",
+    "peft-adalora": "AdaLoRA r 12→8 (PEFT 0.21)",
     "peft-ia3": "IA³ (PEFT 0.21)",
 }
 # b16 x s64, no checkpoints, one evaluation at the end
@@ -59,7 +67,7 @@ def run_one(method: str, steps: int, out: Path) -> dict:
     import hypermerge as hm
 
     recipe_path = ROOT / "train" / f"{RECIPES[method]}.yaml"
-    overrides = list(COMMON)
+    overrides = list(COMMON) + schedule_overrides(method, steps)
     if not method.startswith("peft-"):
         result = hm.train(recipe_path, output_dir=out, max_steps=steps, overrides=overrides, quiet=True, overwrite=True)
         metrics = result.metrics
@@ -67,6 +75,15 @@ def run_one(method: str, steps: int, out: Path) -> dict:
         metrics = run_peft(method, recipe_path, steps, overrides, out)
     return {k: metrics[k] for k in ("trainable_parameters", "step_time_ms", "peak_memory_mib", "peak_memory_kind",
                                     "eval_accuracy", "eval_loss", "steps", "device", "precision")}
+
+
+def allocates(method: str) -> bool:
+    return "adalora" in method
+
+
+def schedule_overrides(method: str, steps: int) -> list[str]:
+    """AdaLoRA's schedule scaled to the run, as the recipe's (10% at full rank, the last 20% final)."""
+    return [f"adapter.tinit={steps // 10}", f"adapter.tfinal={steps // 5}"] if allocates(method) else []
 
 
 def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], out: Path) -> dict:
@@ -81,13 +98,14 @@ def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], o
     device, precision = hm_trainer._device_and_precision(recipe)
     tokenizer = tasks.load_tokenizer(recipe.model.resolve())
     data = tasks.build_data(recipe, tokenizer)
-    model, params = build_model(method, recipe, data, tokenizer)
+    model, params = build_model(method, recipe, data, tokenizer, steps)
     args = hm_trainer._training_arguments(recipe, out / "checkpoints", device=device, precision=precision, world=1,
                                           per_device=recipe.training.batch_size, scored=True, has_eval=True, quiet=True)
     timer = hm_trainer.StepTimer()
+    callbacks = [timer] + ([PeftAllocation(model)] if method == "peft-adalora" else [])
     trainer = hm_trainer.HypermergeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
-        compute_metrics=tasks.accuracy, preprocess_logits_for_metrics=tasks.argmax_logits, callbacks=[timer])
+        compute_metrics=tasks.accuracy, preprocess_logits_for_metrics=tasks.argmax_logits, callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     trainer.model_accepts_loss_kwargs = False  # as hm.train does for classification
     hm_trainer._reset_peak_memory(device)
@@ -104,7 +122,17 @@ def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], o
     }
 
 
-def build_model(method: str, recipe, data, tokenizer):
+class PeftAllocation(transformers.TrainerCallback):
+    """What a PEFT AdaLoRA user must add by hand: update_and_allocate after every optimizer step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def build_model(method: str, recipe, data, tokenizer, steps: int):
     """The recipe's model wrapped for ``method``, and its trainable parameters."""
     import peft
     import transformers
@@ -122,8 +150,14 @@ def build_model(method: str, recipe, data, tokenizer):
             target_modules=r".*encoder\.layer\.\d+\..*(query|key|value|dense)"))
     elif method == "peft-ia3":
         model = peft.get_peft_model(model, peft.IA3Config(task_type="SEQ_CLS"))
+    elif method == "peft-adalora":
+        options = recipe.adapter.options
+        model = peft.get_peft_model(model, peft.AdaLoraConfig(
+            task_type="SEQ_CLS", init_r=options["init_r"], target_r=options["target_r"], tinit=options["tinit"],
+            tfinal=options["tfinal"], deltaT=options["delta_t"], lora_alpha=options["alpha"], lora_dropout=0.0,
+            total_step=steps, target_modules=r".*encoder\.layer\.\d+\..*(query|key|value|dense)"))
     elif method != "full":
-        hm.inject(model, recipe.adapter.build_config(modules_to_save=new_modules))
+        hm.inject(model, recipe.adapter.build_config(total_steps=steps, modules_to_save=new_modules))
     return model.train(), [p for p in model.parameters() if p.requires_grad]
 
 
@@ -131,17 +165,18 @@ def timing(methods: list[str], steps: int) -> dict[str, dict]:
     """Median step time per method and paired ratios, the methods stepped in turn (see the docstring)."""
     import torch
 
+    import hypermerge as hm
     from hypermerge.training import tasks
     from hypermerge.training.recipe import load_recipe
 
     models, optimizers, batches = {}, {}, None
     for method in methods:
-        recipe = load_recipe(ROOT / "train" / f"{RECIPES[method]}.yaml", COMMON)
+        recipe = load_recipe(ROOT / "train" / f"{RECIPES[method]}.yaml", COMMON + schedule_overrides(method, steps))
         if batches is None:
             tokenizer = tasks.load_tokenizer(recipe.model.resolve())
             data = tasks.build_data(recipe, tokenizer)
             batches = [data.collator([data.train[i] for i in range(16 * k, 16 * k + 16)]) for k in range(8)]
-        models[method], params = build_model(method, recipe, data, tokenizer)
+        models[method], params = build_model(method, recipe, data, tokenizer, steps)
         optimizers[method] = torch.optim.AdamW(params, lr=recipe.training.learning_rate, fused=True)
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     for step in range(steps):
@@ -149,9 +184,16 @@ def timing(methods: list[str], steps: int) -> dict[str, dict]:
         for method in methods[step % len(methods):] + methods[:step % len(methods)]:
             model, optimizer = models[method], optimizers[method]
             started = time.perf_counter()
-            model(**batch).loss.backward()
+            loss = model(**batch).loss  # PEFT's AdaLoRA adds its orthogonality term inside forward
+            if allocates(method) and not method.startswith("peft-"):
+                loss = loss + hm.regularization_loss(model)  # as hm.train's compute_loss does
+            loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
             optimizer.step()
+            if method == "peft-adalora":
+                model.base_model.update_and_allocate(step)
+            elif allocates(method):
+                hm.allocate_ranks(model, step)
             optimizer.zero_grad()
             seconds[method].append(time.perf_counter() - started)
     warm = 2  # the first steps allocate the optimizer state
@@ -159,7 +201,7 @@ def timing(methods: list[str], steps: int) -> dict[str, dict]:
     for method in methods:
         own = seconds[method][warm:]
         results[method] = {"step_ms": statistics.median(own) * 1000, "spread_ms": [min(own) * 1000, max(own) * 1000]}
-        for peer in ("peft-ia3", "peft-lora"):
+        for peer in ("peft-ia3", "peft-lora", "peft-adalora"):
             if peer in seconds:
                 results[method][f"vs_{peer}"] = statistics.median(
                     a / b for a, b in zip(own, seconds[peer][warm:], strict=True))

@@ -14,12 +14,17 @@ TRAIN_DIR = Path(__file__).resolve().parents[2] / "train"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["hyperadapt", "lora"])
+@pytest.mark.parametrize("method", ["hyperadapt", "lora", "adalora", "hyperadalora"])
 def test_minilm_sentiment_recipe_trains_and_folds(method, tmp_path):
     result = hm.train(TRAIN_DIR / f"minilm-sentiment-{method}.yaml", output_dir=tmp_path / "run", max_steps=30,
-                      overrides=["data.eval_examples=128", "training.eval_steps=null", "training.save_steps=null"],
+                      overrides=["data.eval_examples=128", "training.eval_steps=null", "training.save_steps=null"]
+                      + (["adapter.tinit=3", "adapter.tfinal=6"] if "adalora" in method else []),
                       quiet=True)
     metrics = result.metrics
+    if "adalora" in method:  # ranks allocated: the final budget is target_r per matrix on average
+        assert (tmp_path / "run" / "plots" / "ranks.png").is_file()
+        ranks = list(metrics["rank_pattern"].values())
+        assert sum(ranks) == 8 * len(ranks) and max(ranks) <= 12
     assert metrics["eval_accuracy"] > 0.55  # two classes, balanced: above chance after 30 steps
     assert metrics["eval_loss"] < metrics["train_log"][0]["loss"]
 

@@ -19,7 +19,7 @@ TASK_NAMES = {"sequence-classification": "sentiment", "causal-lm": "arithmetic"}
 
 def test_recipes_are_shipped():
     methods = {r.stem.rsplit("-", 1)[-1] for r in RECIPES}
-    assert {"hyperadapt", "lora", "full"} <= methods
+    assert {"hyperadapt", "lora", "adalora", "hyperadalora", "full"} <= methods
     assert any(r.stem.startswith("smollm2-arithmetic-") for r in RECIPES)
 
 
