@@ -509,6 +509,9 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     base = recipe.model.resolve()
     tokenizer = tasks.load_tokenizer(base)
     data = tasks.build_data(recipe, tokenizer)
+    transformers.set_seed(recipe.training.seed)  # the new head's initialisation
+    # loaded (and checked) before anything is written: a damaged base leaves no run directory
+    model, new_modules = tasks.load_model(recipe, base, data.label_names, tokenizer)
     args = _training_arguments(recipe, checkpoints, device=device, precision=precision, world=world,
                                per_device=per_device, scored=data.scored, has_eval=data.eval is not None,
                                quiet=quiet)
@@ -520,8 +523,6 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
             _remove_run_entries(out)
         checkpoints.mkdir(parents=True, exist_ok=True)
 
-    transformers.set_seed(recipe.training.seed)  # the new head's initialisation
-    model, new_modules = tasks.load_model(recipe, base, data.label_names, tokenizer)
     timer = StepTimer()
     trainer = HypermergeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
