@@ -38,7 +38,7 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import hypermerge.adapters.model as adapter_model
 from hypermerge._fs import atomic_output_dir
@@ -295,6 +295,28 @@ def _per_device_batch(recipe: Recipe, world: int) -> int:
     return spec.batch_size // per_step
 
 
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint of the latest step that was written to the end, if any.
+
+    The Trainer writes a checkpoint's files in place and trainer_state.json last, so a run killed
+    while saving leaves a newer directory without it (or with it cut short): that one is skipped.
+    """
+    if not checkpoints.is_dir():
+        return None
+    steps = []
+    for entry in checkpoints.iterdir():
+        prefix, _, step = entry.name.rpartition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and entry.is_dir():
+            steps.append((int(step), entry))
+    for _step, entry in sorted(steps, reverse=True):
+        try:
+            json.loads((entry / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return entry
+    return None
+
+
 def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check the run directory (read-only) and return the checkpoint to resume from, if any.
 
@@ -306,7 +328,7 @@ def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | N
         raise OutputExistsError("the output path is a file", path=out, hint="choose another --output-dir")
     checkpoints = out / CHECKPOINTS_DIR
     if resume:
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_complete_checkpoint(checkpoints)
         if last is None:
             raise CheckpointError("no checkpoint to resume from", path=checkpoints,
                                   hint="run without --resume to start (checkpoints are written every "
