@@ -96,7 +96,10 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
             os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if exc.errno == errno.EFBIG:
+            raise HypermergeError(f"a file grew past the largest file allowed here ({exc.strerror})", path=out,
+                                  hint="raise the file size limit (ulimit -f) or write to another filesystem") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise HypermergeError(f"ran out of space writing the output ({exc.strerror})", path=out,
                                   hint="free disk space or write elsewhere") from exc
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

@@ -64,7 +64,7 @@ def kill_trial(world: World, name: str, parent: Path, rng: random.Random, index:
         OMP_NUM_THREADS="1"))
     mine = f"{out.name}.hm-tmp-{process.pid}-"  # this run's temporary output
     try:
-        if rng.random() < 0.5:
+        if rng.random() < 0.25:
             time.sleep(rng.uniform(0.0, 2.5))  # from the start: start-up, or early in the work
         else:
             deadline = time.monotonic() + 120
@@ -147,7 +147,7 @@ def test_three_kills_one_per_command(world, references, tmp_path):
 def test_thirty_kills_at_random_moments(world, references, tmp_path):
     landed = run_trials(world, references, tmp_path, trials=30, seed=1234)
     print("kills landed:", landed)
-    assert landed.get("writing", 0) >= 5, landed  # most must hit the commands mid-work
+    assert landed.get("writing", 0) >= 10, landed  # many must hit the commands mid-work
 
 
 def test_a_run_killed_between_the_two_renames_gets_its_previous_output_back(tmp_path):
