@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -326,6 +327,11 @@ def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | N
     """
     if out.exists() and not out.is_dir():
         raise OutputExistsError("the output path is a file", path=out, hint="choose another --output-dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # checked before any work: fail fast
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HypermergeError("cannot create the run directory here" + (f" ({existing} is a file)"
+                              if not existing.is_dir() else " (not writable)"), path=out,
+                              hint="choose a writable --output-dir")
     checkpoints = out / CHECKPOINTS_DIR
     if resume:
         last = last_complete_checkpoint(checkpoints)
@@ -353,8 +359,32 @@ def _remove_run_entries(out: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_errors() -> Iterator[dict[str, Path]]:
+    """Turn a write that fails for want of space or permission (in our code or the Trainer's
+    checkpointing) into one line naming the file; checkpoints cut short are skipped by --resume."""
+    context: dict[str, Path] = {}
+    try:
+        yield context
+    except OSError as exc:
+        where = Path(exc.filename) if exc.filename else context.get("run")
+        if exc.errno == errno.EFBIG:
+            raise HypermergeError(f"a file grew past the largest file allowed here ({exc.strerror})", path=where,
+                                  hint="raise the file size limit (ulimit -f) or write to another filesystem") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HypermergeError(f"ran out of disk space ({exc.strerror})", path=where,
+                                  hint="free space or choose another --output-dir, then --resume") from exc
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and where is not None:
+            raise HypermergeError(f"cannot write ({exc.strerror})", path=where,
+                                  hint="check permissions or choose another --output-dir") from exc
+        raise
 
 
 def _training_arguments(recipe: Recipe, checkpoints: Path, *, device: str, precision: str, world: int,
@@ -490,10 +520,11 @@ def train(recipe_or_path: str | Path | Recipe | Mapping[str, Any], output_dir: s
         OutputExistsError: ``output_dir`` holds a run and neither resume nor overwrite was given.
         CheckpointError: nothing to resume from, or a model/data file is missing or damaged.
         BackendUnavailableError: the recipe asks for CUDA where there is none.
+        HypermergeError: the disk is full, a file grew past the size limit, or a file cannot be written.
     """
-    with _console(quiet):
+    with _console(quiet), _disk_errors() as where:
         return _train(recipe_or_path, output_dir, max_steps, overrides, resume, overwrite=overwrite, quiet=quiet,
-                      callbacks=callbacks)
+                      callbacks=callbacks, where=where)
 
 
 @contextlib.contextmanager
@@ -514,12 +545,14 @@ def _console(quiet: bool) -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrite, quiet, callbacks) -> TrainResult:
+def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrite, quiet, callbacks,
+           where: dict[str, Path]) -> TrainResult:
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite starts it over: pass one of them")
     recipe = load_recipe(recipe_or_path, overrides, max_steps=max_steps, output_dir=output_dir)
     out = Path(recipe.output_dir or Path("runs") / recipe.name).expanduser().absolute()
     recipe = recipe.replace(output_dir=str(out))
+    where["run"] = out  # named by a disk error that does not name its file
     rank, world = _world()
     main = rank == 0
     talk = main and not quiet
@@ -543,7 +576,11 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     if main:
         if overwrite and resume_from is None:
             _remove_run_entries(out)
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        try:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HypermergeError(f"cannot create the run directory ({exc.strerror})", path=out,
+                                  hint="choose a writable --output-dir") from exc
 
     timer = StepTimer()
     trainer = HypermergeTrainer(

@@ -391,6 +391,31 @@ def _(world, tmp):
                 tmp / "out")
 
 
+@case("train: output location is not a directory")
+def _(world, tmp):
+    (tmp / "file").write_text("a file, not a directory")
+    recipe = write_recipe(tmp / "recipe.yaml", world.recipe)
+    return Case(["train", recipe, "--output-dir", tmp / "file" / "run"], ("file",), tmp / "file" / "run")
+
+
+@case("train: output directory holds a run")
+def _(world, tmp):
+    run = tmp / "run"
+    for name in ("adapter", "checkpoints"):
+        (run / name).mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "metrics.json").write_text("{}")
+    recipe = write_recipe(tmp / "recipe.yaml", world.recipe)
+    return Case(["train", recipe, "--output-dir", run], ("already holds a run", "--resume", "--overwrite"), run)
+
+
+@case("train: file size limit (ulimit -f)")
+def _(world, tmp):
+    recipe = write_recipe(tmp / "recipe.yaml", world.recipe)
+    return Case(["train", recipe, "--output-dir", tmp / "run"], ("largest file allowed", "ulimit -f", "run"), None,
+                ulimit_f=8)
+
+
 @case("train: interrupted download of the sentiment data")
 def _(world, tmp):
     # A half-written sdist in the cache (a download cut short): detected by its SHA-256 and
