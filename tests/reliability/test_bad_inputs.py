@@ -38,6 +38,7 @@ class Case:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     ulimit_f: int | None = None
     max_lines: int = 2
+    after: Callable[[], bool] | None = None  # a further check of the state left behind
 
 
 CASES: dict[str, Callable[[World, Path], Case]] = {}
@@ -428,7 +429,8 @@ def _(world, tmp):
     recipe = write_recipe(tmp / "recipe.yaml", raw)
     return Case(["train", recipe, "--output-dir", tmp / "out"], ("vaderSentiment", "PyPI", data.VADER_SDIST),
                 tmp / "out", env={"HYPERMERGE_CACHE": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "",
-                                  "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+                                  "PIP_INDEX_URL": "http://127.0.0.1:9/simple"},
+                after=lambda: not (cache / "data" / data.VADER_SDIST).exists())  # the damaged file is gone
 
 
 @pytest.fixture(scope="module")
@@ -470,6 +472,8 @@ def test_bad_input(name, outcomes):
         else:
             assert tree_digest(spec.out) == before, "the existing output was changed"
         assert not temporaries(spec.out.parent), temporaries(spec.out.parent)
+    if spec.after is not None:
+        assert spec.after(), "the state left behind"
 
 
 def test_there_are_at_least_25_cases_across_every_command():
