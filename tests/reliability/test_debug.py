@@ -10,7 +10,9 @@ from reliability_helpers import run_cli
 
 @pytest.mark.parametrize(("command", "error"), [
     (["export", "{tmp}/nowhere", "--out", "{tmp}/out"], "CheckpointError"),
-    (["train", "{tmp}/nowhere.yaml"], "ConfigError"),
+    (["patch", "{tmp}/nowhere", "--adapter", "{tmp}/nowhere", "--out", "{tmp}/out"], "CheckpointError"),
+    (["fold", "--adapter", "{tmp}", "--out", "{tmp}/out", "--dtype", "float16", "--max-shard-size", "lots"],
+     "ConfigError"),
 ])
 def test_debug_shows_the_traceback(command, error, tmp_path):
     args = [part.format(tmp=tmp_path) for part in command]
