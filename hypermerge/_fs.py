@@ -27,20 +27,35 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(parent: Path) -> list[Path]:
-    """Remove temporary siblings left behind by killed runs (their process is gone)."""
+    """Remove temporary siblings left behind by killed runs (their process is gone).
+
+    A run killed between moving the old output aside and moving the new one in leaves the old
+    output as an ``-old-`` temporary and no output: that one is put back, not removed.
+    """
     removed = []
-    if not parent.is_dir():
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:  # no such directory (nothing to clean), or not readable
         return removed
-    for entry in parent.iterdir():
+    for entry in entries:
         if _TMP_MARK not in entry.name:
             continue
+        name, _, rest = entry.name.partition(_TMP_MARK)
         try:
-            pid = int(entry.name.split(_TMP_MARK, 1)[1].split("-", 1)[0])
+            pid = int(rest.split("-", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        if _pid_alive(pid):
+            continue
+        output = parent / name
+        if rest.split("-")[1:2] == ["old"] and not output.exists():
+            try:
+                os.replace(entry, output)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
     return removed
 
 
@@ -52,17 +67,18 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
     """
     out = Path(out).absolute()
+    parent = out.parent
+    # first: a killed run's old output put back counts as existing
+    clean_stale_temporaries(parent)
     if out.exists() and not overwrite:
         raise OutputExistsError(
             "output already exists", path=out, hint="choose another --out or pass --overwrite"
         )
-    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HypermergeError(f"cannot create the output's parent ({exc.strerror})", path=parent,
                               hint="choose a writable location") from exc
-    clean_stale_temporaries(parent)
     tmp = parent / f"{out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -80,7 +96,10 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
             os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if exc.errno == errno.EFBIG:
+            raise HypermergeError(f"a file grew past the largest file allowed here ({exc.strerror})", path=out,
+                                  hint="raise the file size limit (ulimit -f) or write to another filesystem") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise HypermergeError(f"ran out of space writing the output ({exc.strerror})", path=out,
                                   hint="free disk space or write elsewhere") from exc
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

@@ -32,6 +32,7 @@ from hypermerge.export.tasks import (
     past_names,
     present_names,
 )
+from hypermerge.fold.engine import check_finite_weights
 from hypermerge.fold.hfdir import open_base
 
 DEFAULT_OPSET = 18
@@ -43,12 +44,12 @@ def load_torch_model(model_dir: str | Path, task: str) -> torch.nn.Module:
     """The PyTorch model for ``task`` from a HF directory, float32, eval mode (the parity reference).
 
     Raises:
-        CheckpointError: no safetensors weights (pickle weights are refused).
+        CheckpointError: no safetensors weights (pickle weights are refused), NaN or Inf in a weight.
         ExportError: transformers cannot build the model for this task.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    open_base(model_dir)  # safetensors only, with a clear error otherwise
+    base = open_base(model_dir)  # safetensors only, with a clear error otherwise
     auto = {FEATURE_EXTRACTION: AutoModel, SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
             CAUSAL_LM: AutoModelForCausalLM}[task]
     try:
@@ -61,6 +62,7 @@ def load_torch_model(model_dir: str | Path, task: str) -> torch.nn.Module:
     except (ValueError, KeyError, OSError) as exc:
         raise ExportError(f"transformers cannot load this model for {task} ({str(exc).splitlines()[0]})",
                           path=model_dir, hint="check --task, or that the directory is a complete HF model") from exc
+    check_finite_weights(model, base)  # a NaN weight exports fine and poisons every output
     return model.eval()
 
 

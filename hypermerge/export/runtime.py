@@ -167,14 +167,23 @@ class OnnxModel:
 
         Raises:
             CheckpointError: the directory does not exist.
-            ExportError: no loadable ONNX model in it.
+            ExportError: no loadable ONNX model in it, or a damaged config.json.
         """
         path = require_dir(path, "exported model directory").absolute()
         session = open_session(path / model_file, provider, threads, session_config=session_config)
         past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
         contract = contract_from_onnx([i.name for i in session.get_inputs()],
                                       [o.name for o in session.get_outputs()], past[0] if past else None)
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        config = {}
+        if (path / "config.json").exists():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise ExportError(f"config.json is not valid JSON ({exc})", path=path / "config.json",
+                                  hint="the file is damaged; copy it again from the exported model") from None
+            if not isinstance(config, dict):
+                raise ExportError("config.json must hold a JSON object", path=path / "config.json",
+                                  hint="the file is damaged; copy it again from the exported model")
         tokenizer = None
         if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             from transformers import AutoTokenizer

@@ -224,8 +224,25 @@ def check_finite(adapter: AdapterCheckpoint) -> None:
                                   hint="the adapter is corrupt or training diverged; use an earlier checkpoint")
 
 
+def check_finite_weights(model: torch.nn.Module, base: BaseCheckpoint) -> None:
+    """Refuse a loaded model whose checkpoint weights hold NaN or Inf.
+
+    A non-finite weight loads, trains and exports without complaint and poisons every output;
+    parameters never hold one on purpose. Parameters the checkpoint does not have (a new head)
+    are not checked.
+
+    Raises:
+        CheckpointError: naming the weight and the shard it came from.
+    """
+    for name, param in model.named_parameters():
+        if name in base.shard_of and param.is_floating_point() and not all_finite(param.detach()):
+            raise CheckpointError(f"the model's weight {name} holds NaN or Inf", path=base.shard_of[name],
+                                  hint="the checkpoint is damaged; re-save or re-download it")
+
+
 def fold_tensor(method: type[AdapterMethod], weight: torch.Tensor, params: dict[str, torch.Tensor],
-                config: AdapterConfig, *, transposed: bool, out_dtype: torch.dtype, name: str) -> torch.Tensor:
+                config: AdapterConfig, *, transposed: bool, out_dtype: torch.dtype, name: str,
+                source: Path | None = None) -> torch.Tensor:
     """Fold one stored weight: float32 math, one cast at the end, non-finite results refused.
 
     Args:
@@ -234,6 +251,7 @@ def fold_tensor(method: type[AdapterMethod], weight: torch.Tensor, params: dict[
         transposed: whether the stored layout is (in, out).
         out_dtype: the dtype to write.
         name: the weight's name, for messages.
+        source: the file the weight was read from, for messages.
 
     Returns:
         The folded weight in stored layout, ``out_dtype``, contiguous.
@@ -257,6 +275,9 @@ def fold_tensor(method: type[AdapterMethod], weight: torch.Tensor, params: dict[
         raise AdapterMismatchError(f"folding {name} changed its shape from {tuple(weight.shape)} to "
                                    f"{tuple(folded.shape)}", hint="the adapter does not fit this base")
     if not all_finite(folded):
+        if not all_finite(weight32):  # only looked at once something is wrong
+            raise CheckpointError(f"the base weight {name} holds NaN or Inf", path=source,
+                                  hint="the base checkpoint is damaged; re-save or re-download it")
         raise CheckpointError(f"folding {name} produced NaN or Inf",
                               hint="the base weight or the adapter holds extreme values; check both")
     if out_dtype != torch.float32:
@@ -513,7 +534,7 @@ def _write_shards(checkpoint: AdapterCheckpoint, base: BaseCheckpoint, plan: Fol
                                 target = item.produce[2]
                                 tensor = fold_tensor(method, stored, checkpoint.layer_params(target), config,
                                                      transposed=target in checkpoint.fan_in_fan_out,
-                                                     out_dtype=target_dtype, name=item.name)
+                                                     out_dtype=target_dtype, name=item.name, source=path)
                             elif kind == "bias":
                                 params = {k: v.float() for k, v in
                                           checkpoint.layer_params(item.produce[2]).items()}

@@ -86,8 +86,9 @@ def verify_fold(adapter: Path, base: Path, folded: Path, *, dtype: torch.dtype |
     reference_dtype = torch.float32
     # The adapter model runs in float32: it is the exact reference the folded weights should match.
     overrides = {k: config[k] for k in ("id2label", "label2id") if k in config}
-    adapted = load_adapter(cls.from_pretrained(base, dtype=reference_dtype, **overrides).eval(), adapter)
-    folded_model = cls.from_pretrained(folded, dtype=reference_dtype).eval()
+    adapted = load_adapter(cls.from_pretrained(base, dtype=reference_dtype, use_safetensors=True, **overrides).eval(),
+                           adapter)
+    folded_model = cls.from_pretrained(folded, dtype=reference_dtype, use_safetensors=True).eval()
     if getattr(folded_model, "main_input_name", "input_ids") != "input_ids":
         raise ConfigError(f"--verify needs a model that takes token ids ({cls.__name__} takes "
                           f"{folded_model.main_input_name})", hint="run without --verify and check the model yourself")

@@ -162,7 +162,12 @@ def compute_changes(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, read
         CheckpointError: NaN/Inf in the adapter or in a folded tensor.
         ExportError: a tensor it changes is not located by the map.
     """
-    plan = plan_fold(checkpoint, _map_as_base(weights_map, export_dir))
+    try:
+        plan = plan_fold(checkpoint, _map_as_base(weights_map, export_dir))
+    except AdapterMismatchError as exc:
+        # fold's wording names the base and its --base option; here the adapter is the odd one out
+        raise AdapterMismatchError(exc.what.replace("the base checkpoint", "the exported model"), path=checkpoint.path,
+                                   hint="patch with an adapter trained on the export's base model") from None
     if plan.additions:
         first = sorted(plan.additions)[0]
         raise AdapterMismatchError(f"the adapter adds {len(plan.additions)} tensor(s) the exported model does not have "

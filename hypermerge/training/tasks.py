@@ -232,16 +232,25 @@ def load_model(recipe: Recipe, base: Path, label_names: tuple[str, ...] | None,
     Returns:
         The model, and the names of modules that were newly initialised (a classification head):
         they must be trained in full.
+
+    Raises:
+        CheckpointError: no safetensors weights (pickle ones are refused: unpickling runs arbitrary
+            code), a damaged shard, or NaN/Inf in a weight.
     """
+    from hypermerge.fold.engine import check_finite_weights
+    from hypermerge.fold.hfdir import open_base
+
+    checkpoint = open_base(base)  # headers only: safetensors, complete, consistent
     with _quiet_transformers():
         if recipe.task == "sequence-classification":
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                 label2id={name: i for i, name in enumerate(label_names)}, ignore_mismatched_sizes=True,
-                output_loading_info=True, dtype=torch.float32)
+                output_loading_info=True, dtype=torch.float32, use_safetensors=True)
         else:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
-                base, output_loading_info=True, dtype=torch.float32)
+                base, output_loading_info=True, dtype=torch.float32, use_safetensors=True)
+    check_finite_weights(model, checkpoint)
     if getattr(model.config, "pad_token_id", None) is None:
         # decoder classifiers find each row's last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import hypermerge.adapters.model as adapter_model
 from hypermerge._fs import atomic_output_dir
@@ -295,6 +296,28 @@ def _per_device_batch(recipe: Recipe, world: int) -> int:
     return spec.batch_size // per_step
 
 
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint of the latest step that was written to the end, if any.
+
+    The Trainer writes a checkpoint's files in place and trainer_state.json last, so a run killed
+    while saving leaves a newer directory without it (or with it cut short): that one is skipped.
+    """
+    if not checkpoints.is_dir():
+        return None
+    steps = []
+    for entry in checkpoints.iterdir():
+        prefix, _, step = entry.name.rpartition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and entry.is_dir():
+            steps.append((int(step), entry))
+    for _step, entry in sorted(steps, reverse=True):
+        try:
+            json.loads((entry / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return entry
+    return None
+
+
 def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check the run directory (read-only) and return the checkpoint to resume from, if any.
 
@@ -304,9 +327,14 @@ def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | N
     """
     if out.exists() and not out.is_dir():
         raise OutputExistsError("the output path is a file", path=out, hint="choose another --output-dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # checked before any work: fail fast
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HypermergeError("cannot create the run directory here" + (f" ({existing} is a file)"
+                              if not existing.is_dir() else " (not writable)"), path=out,
+                              hint="choose a writable --output-dir")
     checkpoints = out / CHECKPOINTS_DIR
     if resume:
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_complete_checkpoint(checkpoints)
         if last is None:
             raise CheckpointError("no checkpoint to resume from", path=checkpoints,
                                   hint="run without --resume to start (checkpoints are written every "
@@ -331,8 +359,32 @@ def _remove_run_entries(out: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_errors() -> Iterator[dict[str, Path]]:
+    """Turn a write that fails for want of space or permission (in our code or the Trainer's
+    checkpointing) into one line naming the file; checkpoints cut short are skipped by --resume."""
+    context: dict[str, Path] = {}
+    try:
+        yield context
+    except OSError as exc:
+        where = Path(exc.filename) if exc.filename else context.get("run")
+        if exc.errno == errno.EFBIG:
+            raise HypermergeError(f"a file grew past the largest file allowed here ({exc.strerror})", path=where,
+                                  hint="raise the file size limit (ulimit -f) or write to another filesystem") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HypermergeError(f"ran out of disk space ({exc.strerror})", path=where,
+                                  hint="free space or choose another --output-dir, then --resume") from exc
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and where is not None:
+            raise HypermergeError(f"cannot write ({exc.strerror})", path=where,
+                                  hint="check permissions or choose another --output-dir") from exc
+        raise
 
 
 def _training_arguments(recipe: Recipe, checkpoints: Path, *, device: str, precision: str, world: int,
@@ -468,10 +520,11 @@ def train(recipe_or_path: str | Path | Recipe | Mapping[str, Any], output_dir: s
         OutputExistsError: ``output_dir`` holds a run and neither resume nor overwrite was given.
         CheckpointError: nothing to resume from, or a model/data file is missing or damaged.
         BackendUnavailableError: the recipe asks for CUDA where there is none.
+        HypermergeError: the disk is full, a file grew past the size limit, or a file cannot be written.
     """
-    with _console(quiet):
+    with _console(quiet), _disk_errors() as where:
         return _train(recipe_or_path, output_dir, max_steps, overrides, resume, overwrite=overwrite, quiet=quiet,
-                      callbacks=callbacks)
+                      callbacks=callbacks, where=where)
 
 
 @contextlib.contextmanager
@@ -492,12 +545,14 @@ def _console(quiet: bool) -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrite, quiet, callbacks) -> TrainResult:
+def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrite, quiet, callbacks,
+           where: dict[str, Path]) -> TrainResult:
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite starts it over: pass one of them")
     recipe = load_recipe(recipe_or_path, overrides, max_steps=max_steps, output_dir=output_dir)
     out = Path(recipe.output_dir or Path("runs") / recipe.name).expanduser().absolute()
     recipe = recipe.replace(output_dir=str(out))
+    where["run"] = out  # named by a disk error that does not name its file
     rank, world = _world()
     main = rank == 0
     talk = main and not quiet
@@ -509,6 +564,9 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     base = recipe.model.resolve()
     tokenizer = tasks.load_tokenizer(base)
     data = tasks.build_data(recipe, tokenizer)
+    transformers.set_seed(recipe.training.seed)  # the new head's initialisation
+    # loaded (and checked) before anything is written: a damaged base leaves no run directory
+    model, new_modules = tasks.load_model(recipe, base, data.label_names, tokenizer)
     args = _training_arguments(recipe, checkpoints, device=device, precision=precision, world=world,
                                per_device=per_device, scored=data.scored, has_eval=data.eval is not None,
                                quiet=quiet)
@@ -518,10 +576,12 @@ def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrit
     if main:
         if overwrite and resume_from is None:
             _remove_run_entries(out)
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        try:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HypermergeError(f"cannot create the run directory ({exc.strerror})", path=out,
+                                  hint="choose a writable --output-dir") from exc
 
-    transformers.set_seed(recipe.training.seed)  # the new head's initialisation
-    model, new_modules = tasks.load_model(recipe, base, data.label_names, tokenizer)
     timer = StepTimer()
     trainer = HypermergeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,

@@ -142,7 +142,7 @@ def result_adapters(patched):
 def test_adapter_for_another_base_is_refused(exported, adapters, tmp_path):
     base, onnx_dir = exported["llama"]
     # another architecture: its weight names are not in the map
-    with pytest.raises(hm.AdapterMismatchError, match="not in the base"):
+    with pytest.raises(hm.AdapterMismatchError, match="not in the exported model"):
         hm.patch_export(onnx_dir, adapters("gpt2", "lora"), tmp_path / "a", verify=False, progress=False)
     # same architecture, other sizes: refused by the fingerprint
     other = save_base("llama", tmp_path / "wide", hidden=48)
