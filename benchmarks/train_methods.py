@@ -224,9 +224,9 @@ def spawn(method: str, steps: int, threads: int | None) -> dict:
 
 
 def table(results: dict, steps: int) -> str:
-    rows = ["| method | trainable values | step (ms, interleaved) | ÷ PEFT IA³ | ÷ PEFT LoRA | "
+    rows = ["| method | trainable values | step (ms, interleaved) | ÷ PEFT IA³ | ÷ PEFT LoRA | ÷ PEFT AdaLoRA | "
             f"step in the Trainer (ms) | peak memory (MiB) | eval accuracy after {steps} steps |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(value, fmt):
         return "" if value is None else format(value, fmt)
@@ -237,6 +237,7 @@ def table(results: dict, steps: int) -> str:
         rows.append(" | ".join([
             f"| {LABELS[method]}", cell(figures.get("trainable_parameters"), ","), cell(timed.get("step_ms"), ".0f"),
             cell(timed.get("vs_peft-ia3"), ".2f"), cell(timed.get("vs_peft-lora"), ".2f"),
+            cell(timed.get("vs_peft-adalora"), ".2f"),
             cell(figures.get("step_time_ms"), ".0f"), cell(figures.get("peak_memory_mib"), ".0f"),
             "" if accuracy is None else f"{100 * accuracy:.1f}% |"]))
     return "\n".join(rows)
