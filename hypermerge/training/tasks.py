@@ -83,7 +83,7 @@ class PadCollator:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load-time warnings and loading bar (we report new heads ourselves)."""
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -99,7 +99,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_tokenizer(base: Path) -> transformers.PreTrainedTokenizerBase:
     """The base model's tokenizer, with a pad token (the EOS token where it has none)."""
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -241,7 +241,7 @@ def load_model(recipe: Recipe, base: Path, label_names: tuple[str, ...] | None,
     from hypermerge.fold.hfdir import open_base
 
     checkpoint = open_base(base)  # headers only: safetensors, complete, consistent
-    with _quiet_transformers():
+    with quiet_transformers():
         if recipe.task == "sequence-classification":
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=len(label_names), id2label=dict(enumerate(label_names)),

@@ -533,16 +533,8 @@ def _console(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    verbosity = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
+    with tasks.quiet_transformers():
         yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
 
 
 def _train(recipe_or_path, output_dir, max_steps, overrides, resume, *, overwrite, quiet, callbacks,
