@@ -9,7 +9,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
-from common import perturb_adapter
+from common import minilm_dir, perturb_adapter
 from conftest import assert_matches_torch, base_model, folded_torch, make_adapter, sample_feeds, save_base
 
 import hypermerge as hm
@@ -153,8 +153,6 @@ def test_adapter_inputs_export_with_an_adapter_equals_its_folded_model(arch, exp
 @pytest.mark.slow
 def test_minilm_embed_with_adapters_equals_their_folded_exports(tmp_path):
     """One MiniLM export serves two HyperAdapt adapters; each equals its own fold + export."""
-    from conftest import minilm_dir
-
     base = minilm_dir()
     hm.export_model(base, tmp_path / "scaled", adapter_inputs=True, batch=2, seq=16, iters=3, progress=False)
     model = hm.OnnxModel.load(tmp_path / "scaled")

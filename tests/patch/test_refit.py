@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_adapter, save_base
 
 import hypermerge as hm
 from hypermerge.errors import ExportError
@@ -134,8 +135,6 @@ def test_patch_trt_refits_the_engine_of_the_export(exported, adapters, tmp_path,
 @pytest.mark.trt
 def test_real_engine_refit_keeps_parity(tmp_path):
     """On a GPU with TensorRT: export --trt, patch --trt, and the refitted engine's parity passes."""
-    from conftest import make_adapter, save_base
-
     base = save_base("bert", tmp_path / "base")
     hm.export_model(base, tmp_path / "onnx", trt=True, batch=2, seq=8, iters=2, progress=False)
     adapter = make_adapter("hyperadapt", "bert", base, tmp_path / "adapter")

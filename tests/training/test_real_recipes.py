@@ -17,7 +17,7 @@ TRAIN_DIR = Path(__file__).resolve().parents[2] / "train"
 @pytest.mark.parametrize("method", ["hyperadapt", "lora", "adalora", "hyperadalora"])
 def test_minilm_sentiment_recipe_trains_and_folds(method, tmp_path):
     result = hm.train(TRAIN_DIR / f"minilm-sentiment-{method}.yaml", output_dir=tmp_path / "run",
-                      max_steps=80 if "adalora" in method else 30,  # Λ starts at zero: AdaLoRA starts slower
+                      max_steps=80,
                       overrides=["data.eval_examples=128", "training.eval_steps=null", "training.save_steps=null"]
                       + (["adapter.tinit=8", "adapter.tfinal=16"] if "adalora" in method else []),
                       quiet=True)
@@ -26,8 +26,13 @@ def test_minilm_sentiment_recipe_trains_and_folds(method, tmp_path):
         assert (tmp_path / "run" / "plots" / "ranks.png").is_file()
         ranks = list(metrics["rank_pattern"].values())
         assert sum(ranks) == 8 * len(ranks) and max(ranks) <= 12
-    assert metrics["eval_accuracy"] > 0.55  # two classes, balanced: above chance after 30 steps
-    assert metrics["eval_loss"] < metrics["train_log"][0]["loss"]
+    if "adalora" in method:
+        # Λ starts at zero and the ranks are cut while it grows: after 80 steps these are only
+        # just above chance in accuracy (RESULTS.md: ~60% after 100), so the loss is the check.
+        assert metrics["eval_loss"] < 0.97 * metrics["train_log"][0]["loss"]
+    else:
+        assert metrics["eval_accuracy"] > 0.6  # two classes, balanced; ~0.77-0.79 after 100 steps
+        assert metrics["eval_loss"] < metrics["train_log"][0]["loss"]
 
     hm.fold_checkpoint(result.adapter_dir, tmp_path / "folded")
     base = Path(metrics["base_model"])
