@@ -35,10 +35,11 @@ def make_adapter(method: str, source: Path, task: str, out: Path, seed: int) -> 
 
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory):
-    """task -> (export with adapter inputs, {name: HyperAdapt adapter}), for embeddings and completions."""
+    """task -> (export with adapter inputs, {name: HyperAdapt adapter}, source), one per task."""
     root = tmp_path_factory.mktemp("serve-adapters")
     out = {}
-    for task, arch in (("feature-extraction", "bert-encoder"), ("causal-lm", "llama")):
+    for task, arch in (("feature-extraction", "bert-encoder"), ("sequence-classification", "bert"),
+                       ("causal-lm", "llama")):
         source = save_with_tokenizer(arch, root / f"{arch}-source")
         export = hm.export_model(source, root / f"{arch}-scaled", task=task, adapter_inputs=True, verify=False,
                                  progress=False).out
@@ -137,6 +138,22 @@ def test_completions_take_an_adapter(scaled):
             assert texts == [model.generate([p], max_new_tokens=6, adapter=path)[0] for p in PROMPTS]
         response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "adapter": "beta"}, timeout=60)
         assert response.status_code == 400 and "alpha" in response.json()["error"]["message"]
+    finally:
+        server.terminate()
+
+
+def test_classify_takes_an_adapter(scaled):
+    export, adapters, _ = scaled["sequence-classification"]
+    model = hm.OnnxModel.load(export, provider="cpu")
+    server = Server(export, "-q", *(f"--adapter={name}={path}" for name, path in adapters.items())).wait_ready()
+    try:
+        answers = {}
+        for adapter in (None, "alpha", "beta"):
+            response = httpx.post(f"{server.url}/v1/classify", json={"input": TEXTS, "adapter": adapter}, timeout=60)
+            assert response.status_code == 200, response.text
+            answers[adapter] = [{k: d[k] for k in ("label", "score", "scores")} for d in response.json()["data"]]
+            assert answers[adapter] == model.classify(TEXTS, adapter=None if adapter is None else adapters[adapter])
+        assert answers["alpha"] != answers[None] and answers["beta"] != answers["alpha"]
     finally:
         server.terminate()
 
