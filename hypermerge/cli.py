@@ -255,12 +255,25 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--name", default=None, help="Model name reported to clients [default: the directory's name].")
 @click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
               help="Seconds SIGTERM waits for in-flight requests.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="An adapter requests may choose with \"adapter\": NAME (repeatable; exports made with "
+                   "--adapter-inputs only). Each is loaded and checked at start-up.")
 @click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
-          threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, quiet: bool) -> None:
+          threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, adapters: tuple[str, ...],
+          quiet: bool) -> None:
     """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),
     /health, /metrics."""
-    from hypermerge.errors import BackendUnavailableError
+    from hypermerge.errors import BackendUnavailableError, ConfigError
+
+    named: dict[str, str] = {}
+    for spec in adapters:
+        adapter_name, sep, directory = spec.partition("=")
+        if not sep or not adapter_name or not directory:
+            raise ConfigError(f"--adapter takes NAME=DIR (got {spec!r})", hint="e.g. --adapter legal=adapters/legal")
+        if adapter_name in named:
+            raise ConfigError(f"--adapter {adapter_name} is given twice")
+        named[adapter_name] = directory
 
     try:
         from hypermerge.serve.app import ServeSettings
@@ -270,7 +283,7 @@ def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int,
                                       hint="pip install 'hypermerge[serve]'") from None
     settings = ServeSettings(host=host, port=port, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              workers=workers, threads=threads, max_inputs=max_inputs, name=name,
-                             graceful_timeout=graceful_timeout, quiet=quiet)
+                             graceful_timeout=graceful_timeout, quiet=quiet, adapters=named)
     run_server(export_dir, settings, announce=lambda line: click.echo(line))
     click.echo("server stopped")
 

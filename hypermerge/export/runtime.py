@@ -361,7 +361,7 @@ class OnnxModel:
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, temperature: float = 0.0,
                top_p: float = 1.0, *, seed: int | None = None, stop_at_eos: bool = True,
-               stop: Sequence[str] = ()) -> Iterator[StreamStep]:
+               stop: Sequence[str] = (), adapter: str | Path | None = None) -> Iterator[StreamStep]:
         """Continue one prompt, yielding text as it is generated.
 
         Each ``next()`` runs one forward pass (the prefill, then one token). Without stop strings the
@@ -372,6 +372,7 @@ class OnnxModel:
             prompt: the text, or its token ids (as ``tokenizer(text)["input_ids"]``).
             max_new_tokens, temperature, top_p, seed, stop_at_eos: as in :meth:`generate`.
             stop: strings that end the generation (not included in the text).
+            adapter: an adapter directory to apply (exports with ``--adapter-inputs``); None for the base.
 
         Yields:
             :class:`StreamStep` per token; the last one has a ``finish_reason``.
@@ -382,13 +383,14 @@ class OnnxModel:
         self._require(CAUSAL_LM, "stream")
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
+        extra = self._scales(adapter)  # resolved once, fed at every step
         ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
         input_ids = np.asarray([ids], dtype=np.int64)
         eos = self.tokenizer.eos_token_id if stop_at_eos else None
         if self._word_holdback is None:
             self._word_holdback = needs_word_holdback(self.tokenizer)
         text = TextStream(self.tokenizer, stop, word_holdback=self._word_holdback)
-        steps = decode_steps(self.run, self.contract, input_ids, np.ones_like(input_ids),
+        steps = decode_steps(lambda f: self._run(f, extra), self.contract, input_ids, np.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
                              pad_token_id=self.tokenizer.pad_token_id or 0, seed=seed)
         for count, token in enumerate(steps, start=1):

@@ -1,13 +1,16 @@
 """The HTTP app (FastAPI): an exported directory's ``hm.OnnxModel`` behind OpenAI-style endpoints.
 
     GET  /health            liveness and what is served
-    GET  /v1/models         the one model (OpenAI's list shape)
+    GET  /v1/models         the one model and its adapters (OpenAI's list shape)
     POST /v1/embeddings     feature-extraction exports: mean-pooled, L2-normalised embeddings
     POST /v1/classify       sequence-classification exports: label, score, all scores
     POST /v1/completions    causal-lm exports: text, or server-sent events with "stream": true
     GET  /metrics           Prometheus text
 
-An endpoint the exported task does not support answers 404 with the reason. Encoder requests are
+An endpoint the exported task does not support answers 404 with the reason. On an export made with
+``--adapter-inputs``, ``hypermerge serve --adapter NAME=DIR`` (repeatable) names adapters that
+requests choose with ``"adapter": NAME``; each is loaded (and checked) at start-up, clients never
+pass paths, and the batcher only merges requests of the same adapter. Encoder requests are
 micro-batched (:mod:`hypermerge.serve.batching`); generation requests are not, but their steps
 interleave, one forward pass at a time, on the same inference thread. All model runs of a worker
 go through one thread: onnxruntime already spreads a run over the cores, and two runs at once
@@ -27,10 +30,12 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -40,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hypermerge.errors import ConfigError
+from hypermerge.errors import ConfigError, HypermergeError
 from hypermerge.export.runtime import OnnxModel, StreamStep
 from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
 from hypermerge.serve.batching import MicroBatcher, length_groups
@@ -55,6 +60,7 @@ TASK_ENDPOINTS = {FEATURE_EXTRACTION: "/v1/embeddings", SEQUENCE_CLASSIFICATION:
 CPU_RUN_COST = 16.0
 _ARRIVING = "hypermerge.arriving"  # scope key: this request still counts in Service.arriving
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", *TASK_ENDPOINTS.values()})
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,8 @@ class ServeSettings:
         name: the model name reported to clients (None: the directory's name).
         graceful_timeout: seconds SIGTERM waits for in-flight requests before cancelling them.
         quiet: no access log.
+        adapters: adapter name -> adapter directory (``--adapter NAME=DIR``): what requests may
+            choose with ``"adapter": NAME`` (exports with ``--adapter-inputs`` only).
 
     Raises:
         ConfigError: every invalid value, in one message.
@@ -91,9 +99,14 @@ class ServeSettings:
     name: str | None = None
     graceful_timeout: float = 30.0
     quiet: bool = False
+    adapters: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
+        for name in self.adapters:
+            if not ADAPTER_NAME.fullmatch(name):
+                problems.append(f"--adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                                "(starting with a letter or digit)")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535 (got {self.port})")
         for field, least in (("max_batch", 1), ("workers", 1), ("max_inputs", 1), ("max_body_bytes", 1)):
@@ -148,6 +161,7 @@ class Service:
         self.name = settings.name or model.path.name
         self.created = int(time.time())
         self.limit = token_limit(model)
+        self.adapters = load_adapters(model, settings.adapters)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypermerge-model")
         # fixed cost of one more model run, in padded-token slots: ~16 measured for MiniLM on CPU
         # (benchmarks/RESULTS.md); on a GPU padding is cheap next to a launch, so one run per batch
@@ -170,17 +184,34 @@ class Service:
         changes no result: each text's output equals its output alone.
         """
         results: list = [None] * len(encoded)
+        adapter = None if key is None else self.adapters[key]
         for group in length_groups([len(e["input_ids"]) for e in encoded], self.run_cost):
             start = time.perf_counter()
             feeds = self.model.pad_batch([encoded[i] for i in group])
             if self.model.task == FEATURE_EXTRACTION:
-                outputs: Sequence = list(self.model.embed_feeds(feeds))
+                outputs: Sequence = list(self.model.embed_feeds(feeds, adapter=adapter))
             else:
-                outputs = self.model.classify_feeds(feeds)
+                outputs = self.model.classify_feeds(feeds, adapter=adapter)
             self.metrics.inference.labels(self.model.task).observe(time.perf_counter() - start)
             for i, output in zip(group, outputs, strict=True):
                 results[i] = output
         return results
+
+    def adapter_path(self, name: str | None) -> Path | None:
+        """The directory of the adapter a request named (None: the base model).
+
+        Raises:
+            APIError: the server was not started with that adapter.
+        """
+        if name is None:
+            return None
+        path = self.adapters.get(name)
+        if path is None:
+            known = ", ".join(sorted(self.adapters))
+            served = (f"this server serves the adapters {known}" if known else
+                      "this server serves no adapters (start it with --adapter NAME=DIR)")
+            raise APIError(400, f"unknown adapter {name!r}; {served}", param="adapter", code="unknown_adapter")
+        return path
 
     def check_count(self, count: int, field: str) -> None:
         if count > self.settings.max_inputs:
@@ -223,6 +254,7 @@ class Service:
     async def encode(self, texts: list[str], truncate: bool, key: Hashable, scope: Scope) -> tuple[list, int]:
         """Results per text (through the batcher) and the number of prompt tokens."""
         self.check_count(len(texts), "input")
+        self.adapter_path(key)  # an unknown name fails here, before any work
         encoded = await run_in_threadpool(self.tokenize, texts, truncate)
         tokens = sum(len(item["input_ids"]) for item in encoded)
         self.metrics.tokens.labels("prompt").inc(tokens)
@@ -256,7 +288,7 @@ class Service:
     async def steps(self, prompt_ids: list[int], body: CompletionRequest) -> AsyncIterator[StreamStep]:
         """Generation steps, each one forward pass queued on the inference thread (streams interleave)."""
         steps = self.model.stream(prompt_ids, body.max_tokens, body.temperature, body.top_p, seed=body.seed,
-                                  stop=body.stops())
+                                  stop=body.stops(), adapter=self.adapter_path(body.adapter))
         loop = asyncio.get_running_loop()
         while True:
             step = await loop.run_in_executor(self.executor, self._next_step, steps)
@@ -272,6 +304,36 @@ class Service:
             await self.batcher.close()
         self.executor.shutdown(wait=True)
         self.metrics.worker_exited()
+
+
+def load_adapters(model: OnnxModel, adapters: Mapping[str, str]) -> dict[str, Path]:
+    """Name -> absolute directory of each ``--adapter NAME=DIR``, each loaded once to check it fits.
+
+    Raises:
+        ConfigError: adapters for an export without adapter inputs, or an adapter they cannot carry.
+        HypermergeError: an adapter directory is missing or damaged, or made for another base model
+            (the message names the adapter).
+    """
+    if not adapters:
+        return {}
+    if not model.accepts_adapters:
+        raise ConfigError(f"--adapter {', '.join(adapters)}: this export takes no adapters per request (it was "
+                          "exported without --adapter-inputs)", path=model.path,
+                          hint="export with --adapter-inputs, or fold the adapter into a copy with hypermerge patch "
+                               "and serve that")
+    cache = model.adapter_scales
+    cache.size = max(cache.size, len(adapters))  # every served adapter stays resolved
+    out = {}
+    for name, directory in adapters.items():
+        path = Path(directory).absolute()
+        try:
+            cache.get(path)
+        except HypermergeError as exc:
+            exc.what = f"--adapter {name}: {exc.what}"
+            exc.args = (exc.one_line(),)
+            raise
+        out[name] = path
+    return out
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -347,7 +409,7 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
     async def health() -> dict:
         """Liveness, and what this server serves."""
         return {"status": "ok", "model": service.name, "task": model.task, "provider": model.provider,
-                "endpoint": TASK_ENDPOINTS[model.task], "pid": os.getpid()}
+                "endpoint": TASK_ENDPOINTS[model.task], "adapters": sorted(service.adapters), "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -357,9 +419,10 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
 
     @app.get("/v1/models")
     async def models() -> dict:
-        """The served model, in OpenAI's list shape."""
+        """The served model, in OpenAI's list shape, with the adapters requests may name."""
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
-                                            "owned_by": "hypermerge", "task": model.task}]}
+                                            "owned_by": "hypermerge", "task": model.task,
+                                            "adapters": sorted(service.adapters)}]}
 
     def unsupported(path: str, task: str):
         async def endpoint(request: Request) -> JSONResponse:
@@ -396,6 +459,7 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
             """Text completion (OpenAI's legacy shape); server-sent events with ``"stream": true``."""
             prompts = body.prompts()
             service.check_count(len(prompts), "prompt")
+            service.adapter_path(body.adapter)  # an unknown name fails here, before any work
             encoded = await run_in_threadpool(service.tokenize_prompts, prompts, body.max_tokens)
             service.metrics.tokens.labels("prompt").inc(sum(map(len, encoded)))
             request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

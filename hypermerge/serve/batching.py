@@ -8,8 +8,8 @@ of the oldest queued request: Triton's ``max_queue_delay_microseconds`` rule, mi
 nobody else is coming. So a lone request never waits, and under load batches form from what piled
 up during the previous run.
 
-Only items with the same key are batched together (today every encoder request has the key None;
-requests that carry different runtime adapters will get different keys).
+Only items with the same key are batched together: the key is the request's adapter name (None for
+the base model), so one model run never mixes adapters.
 
 A batch that fails is retried request by request, so one bad request fails alone.
 """

@@ -1,7 +1,8 @@
 """Request bodies of the HTTP API (pydantic), in the shapes OpenAI clients already send.
 
 Unknown fields are refused (400 naming the field) rather than ignored: a client asking for
-``logprobs`` or ``n: 2`` must not silently get something else. ``model`` and ``user`` are accepted
+``logprobs`` or ``n: 2`` must not silently get something else. ``adapter`` (the encoder and
+completion endpoints) names one of the adapters the server was started with. ``model`` and ``user`` are accepted
 from every OpenAI client and ignored (one server serves one model).
 
 Limits that depend on the server (texts per request, tokens per text) are checked by the app;
@@ -25,6 +26,14 @@ class APIRequest(BaseModel):
     user: str | None = Field(None, description="Accepted for OpenAI clients; ignored.")
 
 
+class AdapterField(BaseModel):
+    """The per-request adapter of the endpoints that run the model."""
+
+    adapter: str | None = Field(None, min_length=1, description=(
+        "Name of an adapter the server was started with (hypermerge serve --adapter NAME=DIR); "
+        "omitted or null: the base model. A name, never a path."))
+
+
 def _texts(value: str | list[str], field: str) -> str | list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
@@ -36,7 +45,7 @@ def _texts(value: str | list[str], field: str) -> str | list[str]:
     return value
 
 
-class EncoderRequest(APIRequest):
+class EncoderRequest(AdapterField, APIRequest):
     """What every encoder endpoint (embeddings, classify) takes.
 
     Micro-batching merges requests with equal :meth:`batch_key`. A request-level option that changes
@@ -56,8 +65,8 @@ class EncoderRequest(APIRequest):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
     def batch_key(self) -> Hashable:
-        """Requests with equal keys may share a model run."""
-        return None
+        """Requests with equal keys may share a model run: the adapter's name (None: the base)."""
+        return self.adapter
 
 
 class EmbeddingRequest(EncoderRequest):
@@ -77,7 +86,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
 
 
-class CompletionRequest(APIRequest):
+class CompletionRequest(AdapterField, APIRequest):
     """``POST /v1/completions`` (OpenAI's legacy completions shape; its defaults too)."""
 
     prompt: str | list[str] = Field(..., description="A prompt or a list of prompts (each continued on its own).")

@@ -116,7 +116,8 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {model.path} ({model.task}, {model.provider}) on http://{shown}:{port} "
              f"with {settings.workers} worker{'s' if settings.workers > 1 else ''}, "
-             f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms")
+             f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms"
+             + (f", adapters {', '.join(sorted(settings.adapters))}" if settings.adapters else ""))
     settings = dataclasses.replace(settings, port=port)
     if settings.workers == 1:
         server = uvicorn.Server(_uvicorn_config(app, settings))
@@ -131,6 +132,9 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
         return
     del model, app  # each worker loads its own
     metrics_dir = tempfile.mkdtemp(prefix="hypermerge-metrics-")
+    # adapter directories made absolute: what the parent checked is what the workers load
+    settings = dataclasses.replace(settings, adapters={name: str(Path(d).absolute()) for name, d in
+                                                       settings.adapters.items()})
     os.environ[SETTINGS_ENV] = json.dumps({"path": str(Path(path).absolute()), **dataclasses.asdict(settings)})
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in each worker
     try:
