@@ -112,6 +112,16 @@ def test_what_the_inputs_cannot_carry_is_refused(scaled, exported, adapters, tmp
         hm.export_model(base, tmp_path / "x", adapter_inputs=True, trt=True, progress=False)
 
 
+@pytest.mark.parametrize("method", sorted(set(hm.METHODS) - {"hyperadapt", "ia3"}))
+def test_every_method_that_is_not_a_scaling_is_sent_to_patch(method, scaled, adapters):
+    """LoRA-family adapters (AdaLoRA, HyperLoRA, HyperAdaLoRA included) change the weights: the scales
+    cannot carry them, and the error says what can."""
+    _, out, _ = scaled
+    with pytest.raises(hm.ConfigError, match=f"{method} adapter changes the weights themselves") as error:
+        hm.OnnxModel.load(out).generate(PROMPTS, 2, adapter=adapters("llama", method))
+    assert "hypermerge patch" in str(error.value)
+
+
 def test_layout_json_is_self_describing(scaled):
     _, out, _ = scaled
     data = json.loads((out / LAYOUT_FILE).read_text())
