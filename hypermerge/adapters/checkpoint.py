@@ -121,6 +121,8 @@ def _config_overrides(model: nn.Module, base_model: str | Path | None) -> dict[s
     except (OSError, ValueError):
         return {}
     model_config = model.config.to_dict()
+    if type(model).__module__.startswith("transformers."):  # as save_pretrained records it: the trained class
+        model_config["architectures"] = [type(model).__name__]
     return {k: model_config[k] for k in CONFIG_OVERRIDE_KEYS
             if k in model_config and model_config[k] != base_config.get(k)}
 
