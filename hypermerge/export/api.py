@@ -407,6 +407,19 @@ def _tensorrt(out_dir: Path, contract, shape_range, precision: str, model, wrapp
     return section, runner
 
 
+def open_export(export_dir: str | Path) -> tuple[Path, dict]:
+    """An exported directory (absolute) and its report (empty where it has none).
+
+    Raises:
+        ExportError: no such directory, or no model.onnx in it.
+    """
+    export_dir = require_dir(export_dir, "exported model directory").absolute()
+    if not (export_dir / MODEL_FILE).is_file():
+        raise ExportError(f"no {MODEL_FILE} in this directory", path=export_dir,
+                          hint="pass a directory written by hypermerge export")
+    return export_dir, read_report(export_dir) or {}
+
+
 def verify_export(export_dir: str | Path, *, source: str | Path | None = None, provider: str = "auto",
                   batch: int | None = None, seq: int | None = None, threads: int | None = None, iters: int = 30,
                   tolerance: Tolerance | None = None, new_tokens: int = 16, progress: bool = True) -> Report:
@@ -428,11 +441,7 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
             source's weights changed since export).
     """
     start = time.perf_counter()
-    export_dir = require_dir(export_dir, "exported model directory").absolute()
-    if not (export_dir / MODEL_FILE).is_file():
-        raise ExportError(f"no {MODEL_FILE} in this directory", path=export_dir,
-                          hint="pass a directory written by hypermerge export")
-    report = read_report(export_dir) or {}
+    export_dir, report = open_export(export_dir)
     recorded_source = (report.get("source") or {}).get("path")
     if source is None and not recorded_source:
         raise ExportError("the source model (the PyTorch reference) is not recorded: no report.json",

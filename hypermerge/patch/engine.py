@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hypermerge._fs import atomic_output_dir, require_dir
+from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, read_adapter
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, ExportError, ParityError
-from hypermerge.export.report import REPORT_JSON, REPORT_MD, read_report, write_report
+from hypermerge.export.report import REPORT_JSON, REPORT_MD, write_report
 from hypermerge.export.runtime import MODEL_FILE
 from hypermerge.export.weights_map import (
     WEIGHTS_MAP_FILE,
@@ -383,11 +383,7 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
     from hypermerge.export.parity import TOLERANCES, check_parity, failure_summary
 
     start = time.perf_counter()
-    export_dir = require_dir(export_dir, "exported model directory").absolute()
-    if not (export_dir / MODEL_FILE).is_file():
-        raise ExportError(f"no {MODEL_FILE} in this directory", path=export_dir,
-                          hint="pass a directory written by hypermerge export")
-    report = read_report(export_dir) or {}
+    export_dir, report = api.open_export(export_dir)
     if trt:
         if not (export_dir / ENGINE_FILE).is_file():
             raise ConfigError(f"--trt: the export has no TensorRT engine ({ENGINE_FILE})", path=export_dir,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from common import save_tiny
-from conftest import FAST, save_with_tokenizer
+from export_helpers import FAST, save_with_tokenizer
 
 import hypermerge as hm
 from hypermerge.export.onnx_export import call_wrapper, load_torch_model, position_ids_for, wrap

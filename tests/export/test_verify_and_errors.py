@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from common import save_tiny, subprocess_env, tiny_model
-from conftest import FAST
+from export_helpers import FAST
 
 import hypermerge as hm
 from hypermerge.cli import cli

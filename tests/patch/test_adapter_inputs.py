@@ -10,7 +10,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from common import minilm_dir, perturb_adapter
-from conftest import assert_matches_torch, base_model, folded_torch, make_adapter, sample_feeds, save_base
+from patch_helpers import (
+    assert_matches_torch,
+    base_model,
+    folded_torch,
+    make_adapter,
+    sample_feeds,
+    save_base,
+)
 
 import hypermerge as hm
 from hypermerge.export.adapter_inputs import INPUT_NAME, LAYOUT_FILE, read_layout

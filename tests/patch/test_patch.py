@@ -12,7 +12,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from common import perturb_adapter
-from conftest import (
+from onnx import numpy_helper
+from patch_helpers import (
     ARCHS,
     METHODS,
     TASKS,
@@ -23,7 +24,6 @@ from conftest import (
     minilm_dir,
     save_base,
 )
-from onnx import numpy_helper
 
 import hypermerge as hm
 from hypermerge.cli import cli

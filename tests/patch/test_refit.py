@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_adapter, save_base
+from patch_helpers import make_adapter, save_base
 
 import hypermerge as hm
 from hypermerge.errors import ExportError
