@@ -91,7 +91,9 @@ def test_patch_equals_fold_then_export_bit_for_bit(arch, method, exported, adapt
     adapter = adapters(arch, method)
     hm.patch_export(onnx_dir, adapter, tmp_path / "patched", verify=False, progress=False)
     assert_same_as_fold_then_export(tmp_path / "patched", adapter, tmp_path)
-    assert_matches_torch(arch, tmp_path / "patched", folded_torch(arch, base, adapter))
+    # The patch equals fold + export exactly (above); against PyTorch, onnxruntime's fp32 kernels
+    # differ by reassociation (1.02e-5 seen on a random tiny Llama's present_key with HyperLoRA).
+    assert_matches_torch(arch, tmp_path / "patched", folded_torch(arch, base, adapter), rel=5e-5)
 
 
 @pytest.fixture(scope="module")
