@@ -46,8 +46,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypermerge.errors import ConfigError, HypermergeError
-from hypermerge.export.runtime import OnnxModel, StreamStep
-from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
+from hypermerge.runtime.contract import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
+from hypermerge.runtime.model import OnnxModel, StreamStep
 from hypermerge.serve.batching import MicroBatcher, length_groups
 from hypermerge.serve.metrics import Metrics, MetricsMiddleware
 from hypermerge.serve.schemas import ClassifyRequest, CompletionRequest, EmbeddingRequest

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hypermerge.errors import HypermergeError
-from hypermerge.export.runtime import OnnxModel
+from hypermerge.runtime.model import OnnxModel
 from hypermerge.serve.app import ServeSettings
 
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
