@@ -13,6 +13,7 @@
 
 import importlib
 
+from hypermerge._optional import missing_dependency
 from hypermerge._version import __version__
 from hypermerge.errors import (
     AdapterMismatchError,
@@ -98,7 +99,14 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as exc:  # torch in a serve-only install
+            error = missing_dependency(exc, f"hypermerge.{name}")
+            if error is None:
+                raise
+            raise error from None
+        value = getattr(module, name)
         globals()[name] = value  # later look-ups skip this function
         return value
     if name in _SUBMODULES:

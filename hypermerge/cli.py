@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from hypermerge._optional import missing_dependency
 from hypermerge._version import __version__
 from hypermerge.errors import HypermergeError
 
@@ -27,10 +28,22 @@ class _UserError(click.ClickException):
         click.echo(f"hypermerge: error: {self.message}", err=True)
 
 
+# commands whose missing torch/transformers is best installed with another extra than [export]
+_COMMAND_EXTRAS = {"train": "train"}
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ModuleNotFoundError as exc:
+                # an optional dependency this command needs (torch in a serve-only install)
+                command = ctx.invoked_subcommand
+                error = missing_dependency(exc, f"hypermerge {command}", _COMMAND_EXTRAS.get(command))
+                if error is None:
+                    raise
+                raise error from exc
         except HypermergeError as error:
             if ctx.meta.get("hypermerge.debug") or os.environ.get("HYPERMERGE_DEBUG") == "1":
                 raise
