@@ -139,3 +139,24 @@ def test_cli_imports_without_torch_and_torch_commands_name_the_extra(tmp_path, n
     done = _python("import hypermerge\ntry:\n    hypermerge.fold_checkpoint\nexcept hypermerge.HypermergeError as e:\n"
                    "    print(e)")
     assert "hypermerge.fold_checkpoint needs torch" in done.stdout and "hypermerge[export]" in done.stdout, done
+
+
+PER_CALL_ADAPTER = '''
+import sys
+from hypermerge.errors import BackendUnavailableError
+from hypermerge.runtime.adapter_scales import AdapterScalesCache, ScaleEntry, ScaleLayout
+
+layout = ScaleLayout("adapter_scales", 6, (ScaleEntry("layer.weight", 0, 3, 3, 3, False),))
+cache = AdapterScalesCache(layout)
+assert cache.get(None).tolist() == [1.0] * 6  # the base model needs no adapter reader
+try:
+    cache.get(sys.argv[1])
+except BackendUnavailableError as exc:
+    print(exc)
+'''
+
+
+def test_a_per_call_adapter_without_torch_names_the_extra(tmp_path, no_torch):
+    done = _python(PER_CALL_ADAPTER, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "reading a per-call adapter needs torch" in done.stdout and "hypermerge[export]" in done.stdout
