@@ -1,4 +1,7 @@
 """``hypermerge export --adapter-inputs``: HyperAdapt's row and column scales as a graph input.
+This module is the export side (the PyTorch layers that read the input, the ONNX default, the parity
+section); the layout and the adapter -> vector conversion a running model needs are
+:mod:`hypermerge.runtime.adapter_scales` (re-exported here).
 
 HyperAdapt adapts a frozen ``W`` (out x in) as ``diag(a) · W · diag(b)``: ``out + in`` values per
 matrix. Instead of folding them into the weights, the graph computes ``y = a ⊙ (W (b ⊙ x)) + c``

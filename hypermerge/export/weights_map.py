@@ -1,4 +1,6 @@
-"""``weights_map.json``: which ONNX initializer holds each weight of the source model, and how.
+"""Building ``weights_map.json`` at export: which ONNX initializer holds each weight of the source
+model, and how. The map's data model and JSON are :mod:`hypermerge.runtime.weights_map` (re-exported
+here); this module reads the ONNX graph and the source checkpoint to fill it.
 
 Recorded at export so that ``hypermerge patch`` can fold an adapter into an exported model without
 re-exporting it. After ``torch.onnx.export(dynamo=True)`` an initializer keeps its parameter's name

@@ -118,6 +118,7 @@ def scales_from_adapter(layout: ScaleLayout, adapter: str | Path, weights_map: W
             whole modules: both need ``hypermerge patch``.
         AdapterMismatchError: it targets a matrix the export has no scales for, sizes differ, or
             its base model differs from the export's.
+        BackendUnavailableError: torch is not installed (the checkpoint reader needs it).
     """
     read_adapter, match_suffix = _adapter_reader(adapter)
     checkpoint = read_adapter(adapter)

@@ -1,4 +1,5 @@
-"""``hm.OnnxModel``: the runtime for exported directories (used by verify, serve and users).
+"""``hm.OnnxModel``: the runtime for exported directories (used by verify, serve and users), on
+numpy, onnxruntime and tokenizers only: serving an export needs neither torch nor transformers.
 
     model = hm.OnnxModel.load("export-dir")             # provider="auto": TensorRT EP > CUDA EP > CPU
     model.embed(["a sentence", ...])                     # feature-extraction: mean-pooled, L2-normalised

@@ -68,16 +68,19 @@ def test_serve_extra_installs_neither_torch_nor_transformers(serve_venv):
     assert not installed & {"torch", "transformers", "accelerate", "onnx", "nvidia-cublas-cu12"}, installed
 
 
+def _clean_env(venv: Path) -> dict[str, str]:
+    """The serve-only venv's environment: its bin first, nothing of this checkout (no PYTHONPATH)."""
+    return {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())}
+
+
 class _Server:
     """``hypermerge serve`` run by the serve-only virtualenv's own entry point."""
 
     def __init__(self, venv: Path, export: Path, log: Path):
         self.log = log.open("w")
-        # outside the checkout: the venv's installed hypermerge, not this tree through PYTHONPATH
-        env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())}
         self.process = subprocess.Popen([str(venv / "bin" / "hypermerge"), "serve", str(export), "--port", "0",
-                                         "-q"], stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-                                        cwd=log.parent)
+                                         "-q"], stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                        env=_clean_env(venv), cwd=log.parent)
         line = self.process.stdout.readline()
         assert "http://" in line, f"{line!r}: {log.read_text()}"
         self.url = "http://" + line.split("on http://", 1)[1].split()[0]
@@ -101,7 +104,7 @@ def test_serve_only_install_serves_every_task(serve_venv, exported, tmp_path):
     probe = subprocess.run([str(serve_venv / "bin" / "python"), "-c",
                             "import importlib.util as u, hypermerge; print(hypermerge.__file__, "
                             "u.find_spec('torch'), u.find_spec('transformers'))"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path)
+                           capture_output=True, text=True, check=True, cwd=tmp_path, env=_clean_env(serve_venv))
     assert str(serve_venv) in probe.stdout and probe.stdout.split()[1:] == ["None", "None"], probe.stdout
     servers = {task: _Server(serve_venv, path, tmp_path / f"{task}.log") for task, path in exported.items()}
     try:
