@@ -136,6 +136,13 @@ def site_packages(venv: Path) -> Path:
     return next((venv / "lib").glob("python3*/site-packages"))
 
 
+def venv_tooling_bytes(packages: Path) -> int:
+    """What ``python -m venv`` itself put there (pip, setuptools): not part of either install."""
+    tooling = ("pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils")
+    return sum(du_bytes(p) if p.is_dir() else p.stat().st_size for p in packages.iterdir()
+               if p.name.split("-")[0].lower() in tooling)
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 def ensure_export(path: Path) -> Path:
@@ -228,8 +235,9 @@ def main() -> None:
                                  for key in ("health_s", "first_response_s")}
 
     before_set, after_set = closure(BEFORE_ROOTS), closure(AFTER_ROOTS)
-    serve_venv_bytes = du_bytes(site_packages(venv))
-    sizes = {"serve_venv_site_packages_bytes": serve_venv_bytes,
+    # without the venv's own pip: the "before" figure counts the distributions hypermerge pulls in
+    serve_venv_bytes = du_bytes(site_packages(venv)) - venv_tooling_bytes(site_packages(venv))
+    sizes = {"serve_venv_site_packages_bytes_without_pip": serve_venv_bytes,
              "before_serve_install_bytes": installed_bytes(before_set),
              "after_serve_install_bytes_from_metadata": installed_bytes(after_set),
              "full_env_site_packages_bytes": du_bytes(Path(next(p for p in sys.path if p.endswith("site-packages")))),

@@ -33,8 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
 from hypermerge.errors import CheckpointError, ExportError, HypermergeError
+from hypermerge.fold.hfdir import open_base
 from hypermerge.runtime.model import MODEL_FILE
 
 # the data model and its JSON are the runtime's (numpy only); re-exported for the exporter and patch
@@ -171,11 +174,6 @@ def _digest(array: np.ndarray) -> str:
 def _source_tensors(source_dir: Path) -> Iterator[tuple[str, str, tuple[int, ...], np.ndarray | None]]:
     """(name, safetensors dtype, shape, float32 values or None for integer tensors) for every tensor
     of the source checkpoint, one at a time."""
-    import torch
-    from safetensors import safe_open
-
-    from hypermerge.fold.hfdir import open_base
-
     base = open_base(source_dir)
     for shard in base.shards:
         with safe_open(str(shard), framework="pt") as handle:
