@@ -457,7 +457,7 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service.batcher is not None:
             service.batcher.start()
-        restore = _drain_on_signals(service.queue)
+        restore = drain_on_signals(service.queue)
         yield
         restore()
         await service.close()  # after uvicorn has let in-flight requests finish
@@ -644,7 +644,7 @@ class _RequestGate:
                 ticket.finished()  # out of the queue, its generation slot (if any) freed
 
 
-def _drain_on_signals(queue: RequestQueue) -> Callable[[], None]:
+def drain_on_signals(queue: RequestQueue) -> Callable[[], None]:
     """From SIGTERM or SIGINT on, new requests get 503 (draining) while accepted ones finish.
 
     Chains to the handlers in place (uvicorn's, which begin the graceful shutdown). Signal handlers
