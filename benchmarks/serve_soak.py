@@ -212,14 +212,21 @@ async def open_loop(port: int, rate: float, seconds: float, *, max_connections: 
         async with slots:
             connection = idle.pop() if idle else None
             sent = loop.time()
-            try:
-                connection = connection or await Connection.open(port)
-                status, _ = await connection.request("POST", "/v1/embeddings", embed_body(i))
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-                samples.append(Sample(sent - start, loop.time() - sent, 0))
-                if connection is not None:
-                    connection.close()
-                return
+            while True:
+                reused = connection is not None
+                try:
+                    connection = connection or await Connection.open(port)
+                    status, _ = await connection.request("POST", "/v1/embeddings", embed_body(i))
+                    break
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    if connection is not None:
+                        connection.close()
+                    connection = None
+                    if not reused:
+                        samples.append(Sample(sent - start, loop.time() - sent, 0))
+                        return
+                    # an idle keep-alive connection the server had closed (uvicorn closes them after
+                    # 5 s): what every HTTP client does, send again on a new one
             samples.append(Sample(sent - start, loop.time() - sent, status))
             if connection.reusable:
                 idle.append(connection)
@@ -274,7 +281,8 @@ class SoakResult:
     rate_rps: float
     seconds: float
     requests: int
-    errors: int
+    statuses: dict[str, int]  # "0": no answer
+    errors: int  # answers other than 200
     p50_ms: float | None
     p99_ms: float | None
     windows: list[Window]
@@ -357,7 +365,7 @@ def run_soak(export: Path, seconds: float, *, fraction: float = 0.6, capacity_se
                 windows.append(Window(k * width, len(inside), percentile_ms(inside, 0.5), percentile_ms(inside, 0.99)))
             ok = [s.latency for s in samples if s.status == 200]
             return SoakResult(round(capacity, 1), round(rate, 1), seconds, len(samples),
-                              sum(s.status != 200 for s in samples), percentile_ms(ok, 0.5), percentile_ms(ok, 0.99),
+                              dict(Counter(str(s.status) for s in samples)), sum(s.status != 200 for s in samples), percentile_ms(ok, 0.5), percentile_ms(ok, 0.99),
                               windows, round(windows[-1].p99_ms / windows[0].p99_ms, 3), round(rss[0], 1),
                               round(rss[-1], 1), round(max(rss), 1), round((rss[-1] - rss[0]) / rss[0], 4),
                               round(lag, 3))
