@@ -244,7 +244,8 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--provider", default="auto", show_default=True,
               help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt.")
 @click.option("--max-batch", type=int, default=32, show_default=True,
-              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching).")
+              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching). "
+                   "Generation: most sequences generating at once (the others queue).")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
               help="How long a batch may wait for more requests, from its oldest request's arrival.")
 @click.option("--workers", type=int, default=1, show_default=True,

@@ -34,14 +34,11 @@ import json
 import logging
 import os
 import re
-import signal
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 import numpy as np
@@ -56,7 +53,7 @@ from hypermerge.errors import ConfigError, HypermergeError
 from hypermerge.export.runtime import OnnxModel, StreamStep
 from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
 from hypermerge.serve.auth import ApiKeyMiddleware, key_problems
-from hypermerge.serve.backpressure import Rejected, RequestQueue, Ticket
+from hypermerge.serve.backpressure import Rejected, RequestQueue, Ticket, drain_on_signals
 from hypermerge.serve.batching import MicroBatcher, QueueTimeout, length_groups
 from hypermerge.serve.disconnect import ClientGone, unless_disconnected
 from hypermerge.serve.metrics import Metrics, MetricsMiddleware
@@ -642,37 +639,6 @@ class _RequestGate:
             self.service.submitted(scope)  # a request that failed before the batcher
             if ticket is not None:
                 ticket.finished()  # out of the queue, its generation slot (if any) freed
-
-
-def drain_on_signals(queue: RequestQueue) -> Callable[[], None]:
-    """From SIGTERM or SIGINT on, new requests get 503 (draining) while accepted ones finish.
-
-    Chains to the handlers in place (uvicorn's, which begin the graceful shutdown). Signal handlers
-    belong to the main thread: elsewhere (an app run in a test's thread) nothing changes.
-
-    Returns:
-        What puts the previous handlers back.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        queue.draining = True
-        chained = previous[signum]
-        if callable(chained):
-            chained(signum, frame)
-
-    for sig, chained in previous.items():
-        if callable(chained):  # only where someone (uvicorn) handles it: a default exit stays one
-            signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, chained in previous.items():
-            if callable(chained) and signal.getsignal(sig) is handler:
-                signal.signal(sig, chained)
-
-    return restore
 
 
 async def _complete(service: Service, encoded: list[list[int]], body: CompletionRequest) -> tuple[list[dict], int]:

@@ -17,7 +17,10 @@ import asyncio
 import collections
 import dataclasses
 import math
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 
 QUEUE_FULL, DRAINING, TIMEOUT = "queue_full", "draining", "timeout"
 
@@ -159,3 +162,34 @@ class RequestQueue:
         if ticket.waiting:
             waited = asyncio.get_running_loop().time() - ticket.arrived
             self.retry_after = min(60, max(1, math.ceil(waited)))
+
+
+def drain_on_signals(queue: RequestQueue) -> Callable[[], None]:
+    """From SIGTERM or SIGINT on, new requests get 503 (draining) while accepted ones finish.
+
+    Chains to the handlers in place (uvicorn's, which begin the graceful shutdown). Signal handlers
+    belong to the main thread: elsewhere (an app run in a test's thread) nothing changes.
+
+    Returns:
+        What puts the previous handlers back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        queue.draining = True
+        chained = previous[signum]
+        if callable(chained):
+            chained(signum, frame)
+
+    for sig, chained in previous.items():
+        if callable(chained):  # only where someone (uvicorn) handles it: a default exit stays one
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, chained in previous.items():
+            if callable(chained) and signal.getsignal(sig) is handler:
+                signal.signal(sig, chained)
+
+    return restore

@@ -16,8 +16,8 @@ import pytest
 from serving import ThreadServer, metric, open_request, wait_until
 
 import hypermerge as hm
-from hypermerge.serve.app import ServeSettings, drain_on_signals
-from hypermerge.serve.backpressure import Rejected, RequestQueue, Slots
+from hypermerge.serve.app import ServeSettings
+from hypermerge.serve.backpressure import Rejected, RequestQueue, Slots, drain_on_signals
 from hypermerge.serve.batching import MicroBatcher, QueueTimeout
 
 # --- the queue on its own --------------------------------------------------------------------------
