@@ -5,15 +5,17 @@
 
 1. **Capacity.** A server (`--max-batch 32`, the default) takes closed-loop clients (each sends its
    next request when the last is answered) for ``--capacity-seconds``: the requests/s it completes
-   is its capacity here; the *sustainable rate* is ``--load-fraction`` (0.6) of it.
+   is its capacity here (the slowest of three slices); the *sustainable rate* is ``--load-fraction``
+   (0.5) of it: on a shared machine the capacity itself moves by 2x over minutes.
 2. **Soak.** Open-loop load (requests sent on a fixed schedule, whatever the answers) at the
    sustainable rate for ``--soak-seconds`` (env ``HYPERMERGE_SOAK_SECONDS``; 10 minutes by default).
    Pass: no errors, p99 of the last window within 1.5x the first (windows of a minute, or a fifth of
    a shorter soak), the server's RSS growing less than 10 %.
 3. **Overload.** A fresh server with `--max-queue 8` takes 4x the sustainable rate for
    ``--overload-seconds``. Pass: every answer is 200, 429 or 503; the p99 of the accepted requests
-   within a bound set by the queue (twice: queue wait ``(max_queue + max_batch) / capacity`` plus the
-   unloaded p99); after the burst, answers back at unloaded latency within 5 s.
+   within a bound set by the queue (twice the queue wait ``(max_queue + max_batch) / capacity`` plus
+   the unloaded p99, plus the load generator's own largest stall); after the burst, answers back at
+   unloaded latency (2x the unloaded p99) within 5 s.
 4. **Cancellation.** A causal-lm server generates ``--streams`` streams at once; once each has sent
    text, every client hangs up. Pass: the generated-tokens counter of /metrics stops rising (at most
    one token per stream after the cut), every stream is counted as cancelled, and the server then
@@ -257,10 +259,14 @@ def percentile_ms(latencies: list[float], q: float) -> float | None:
 
 
 async def measure_capacity(port: int, seconds: float, clients: int = 16) -> tuple[float, float, float]:
-    """Completed requests/s under closed-loop load, and the unloaded p50 and p99 (ms, one client)."""
+    """Completed requests/s under closed-loop load (the slowest of three slices: on a shared machine
+    the capacity moves with the other load), and the unloaded p50 and p99 (ms, one client)."""
     await closed_loop(port, 4, 2.0)  # warm-up: onnxruntime's first runs are slower
-    samples = await closed_loop(port, clients, seconds)
-    capacity = sum(s.status == 200 for s in samples) / seconds
+    rates = []
+    for _ in range(3):
+        samples = await closed_loop(port, clients, seconds / 3)
+        rates.append(sum(s.status == 200 for s in samples) / (seconds / 3))
+    capacity = min(rates)
     alone = [s.latency for s in await closed_loop(port, 1, min(seconds, 5.0)) if s.status == 200]
     return capacity, percentile_ms(alone, 0.5), percentile_ms(alone, 0.99)
 
@@ -311,7 +317,7 @@ class OverloadResult:
     accepted_p50_ms: float | None
     accepted_p99_ms: float | None
     unloaded_p99_ms: float
-    p99_bound_ms: float
+    p99_bound_ms: float  # twice (queue wait + unloaded p99), plus the client's own largest stall
     recovery_s: float | None  # burst end -> answers at unloaded latency again
     rejected_metric: float  # hypermerge_rejected_total over the burst (the server's own count)
     client_lag_s: float
@@ -346,7 +352,7 @@ def soak_seconds(default: float = 600.0) -> float:
     return float(value) if value else default
 
 
-def run_soak(export: Path, seconds: float, *, fraction: float = 0.6, capacity_seconds: float = 10.0,
+def run_soak(export: Path, seconds: float, *, fraction: float = 0.5, capacity_seconds: float = 10.0,
              log=print) -> SoakResult:
     """Capacity first, then ``seconds`` of open-loop load at ``fraction`` of it (see the module docstring)."""
     with ServerProcess(export) as server:
@@ -389,7 +395,7 @@ async def _recovery(port: int, normal_ms: float, limit: float) -> float | None:
     return None
 
 
-def run_overload(export: Path, seconds: float, *, capacity: float | None = None, fraction: float = 0.6,
+def run_overload(export: Path, seconds: float, *, capacity: float | None = None, fraction: float = 0.5,
                  factor: float = 4.0, max_queue: int = 8, max_batch: int = 32, capacity_seconds: float = 10.0,
                  log=print) -> OverloadResult:
     """``factor`` x the sustainable rate for ``seconds`` at a server with a small ``--max-queue``."""
@@ -398,11 +404,15 @@ def run_overload(export: Path, seconds: float, *, capacity: float | None = None,
             await wait_ready(server.port)
             measured, _, unloaded_p99 = await measure_capacity(server.port, capacity_seconds)
             rate = factor * fraction * (capacity or measured)
-            bound = 2 * (1000 * (max_queue + max_batch) / measured + unloaded_p99)
             log(f"overload: capacity {measured:.1f} req/s, unloaded p99 {unloaded_p99} ms; {seconds:g} s at "
-                f"{rate:.1f} req/s, accepted p99 bound {bound:.1f} ms")
+                f"{rate:.1f} req/s")
             before = await metric_values(server.port)
             samples, lag = await open_loop(server.port, rate, seconds)
+            # An accepted request waits for at most max_queue requests and one running batch. The
+            # client times it, so a stall of the client process itself (a loaded, shared machine)
+            # adds to what it measures: the largest such stall is added to the bound. An unbounded
+            # queue would instead grow for the whole burst (seconds to minutes at 2.4x capacity).
+            bound = 2 * (1000 * (max_queue + max_batch) / measured + unloaded_p99) + 1000 * lag
             recovery = await _recovery(server.port, max(2 * unloaded_p99, unloaded_p99 + 20), RECOVERY_LIMIT_S)
             after = await metric_values(server.port)
             statuses = Counter(str(s.status) for s in samples)
@@ -492,7 +502,7 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=soak_seconds())
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
-    parser.add_argument("--load-fraction", type=float, default=0.6, help="sustainable rate / capacity")
+    parser.add_argument("--load-fraction", type=float, default=0.5, help="sustainable rate / capacity")
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--embed-export", type=Path, default=cache_dir() / "bench" / "minilm-onnx")
     parser.add_argument("--lm-export", type=Path, default=cache_dir() / "bench" / "tiny-llama-onnx")
