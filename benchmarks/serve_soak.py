@@ -504,6 +504,10 @@ def main() -> None:
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--load-fraction", type=float, default=0.5, help="sustainable rate / capacity")
     parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--max-queue", type=int, default=8, help="the overloaded server's --max-queue")
+    parser.add_argument("--peer-queue", type=int, default=1_000_000,
+                        help="right after the overload, the same burst at a server with this --max-queue (the "
+                             "unbounded queue of before; 0: skip)")
     parser.add_argument("--embed-export", type=Path, default=cache_dir() / "bench" / "minilm-onnx")
     parser.add_argument("--lm-export", type=Path, default=cache_dir() / "bench" / "tiny-llama-onnx")
     parser.add_argument("--skip", default="", help="comma-separated runs to skip: soak,overload,cancel")
@@ -522,10 +526,16 @@ def main() -> None:
         print(json.dumps(out["soak"]), flush=True)
     if "overload" not in skip:
         out["overload"] = dataclasses.asdict(over := run_overload(embed, args.overload_seconds,
-                                                                  fraction=args.load_fraction,
+                                                                  fraction=args.load_fraction, max_queue=args.max_queue,
                                                                   capacity_seconds=args.capacity_seconds))
         out["overload"]["passed"] = over.passed
         print(json.dumps(out["overload"]), flush=True)
+        if args.peer_queue:  # the same offered rate, a queue that never refuses
+            peer = run_overload(embed, args.overload_seconds, capacity=over.rate_rps / (4.0 * args.load_fraction),
+                                fraction=args.load_fraction, max_queue=args.peer_queue,
+                                capacity_seconds=args.capacity_seconds)
+            out["overload_peer"] = dataclasses.asdict(peer)
+            print(json.dumps(out["overload_peer"]), flush=True)
     if "cancel" not in skip:
         out["cancel"] = dataclasses.asdict(cancel := run_cancellation(lm, args.streams))
         out["cancel"]["passed"] = cancel.passed

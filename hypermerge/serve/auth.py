@@ -46,16 +46,19 @@ def collect_api_keys(keys: Iterable[str] = (), env_value: str | None = None,
 
     Args:
         keys: ``--api-key`` values.
-        env_value: ``HYPERMERGE_API_KEY``'s value (comma-separated keys; None or empty: none).
+        env_value: ``HYPERMERGE_API_KEY``'s value (comma-separated keys; None or blank: none).
         files: ``--api-key-file`` paths: one key per line; blank lines and ``#`` comments skipped.
 
     Raises:
         ConfigError: a key file is missing, unreadable or holds no key (the message names the file
-            and never quotes a key).
+            and never quotes a key); the environment variable holds only commas.
     """
     found = list(keys)
-    if env_value:
-        found += [part.strip() for part in env_value.split(",") if part.strip()]
+    if env_value and env_value.strip():
+        from_env = [part.strip() for part in env_value.split(",") if part.strip()]
+        if not from_env:  # set to something, yet no key: a broken secret, not "no auth wanted"
+            raise ConfigError(f"{API_KEY_ENV} is set but holds no key", hint="give comma-separated keys, or unset it")
+        found += from_env
     for file in files:
         path = Path(file)
         try:

@@ -45,6 +45,9 @@ def test_bad_key_sources_are_one_line_without_the_key(tmp_path):
     empty.write_text("# nothing but a comment\n\n")
     with pytest.raises(hm.ConfigError, match="holds no key"):
         collect_api_keys(files=[empty])
+    with pytest.raises(hm.ConfigError, match="HYPERMERGE_API_KEY is set but holds no key"):
+        collect_api_keys(env_value=" , ,")
+    assert collect_api_keys(env_value="  ") == ()  # blank: unset
     with pytest.raises(hm.ConfigError, match="API key #2 has spaces") as spaced:
         ServeSettings(api_keys=["good-key", "secret with space"])
     assert "secret" not in str(spaced.value)
