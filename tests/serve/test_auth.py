@@ -80,12 +80,16 @@ def test_exposure_warning_only_off_loopback_without_a_key():
 
 
 def test_serve_warns_once_on_a_public_host_without_a_key(exports, monkeypatch):
-    """The warning comes from `serve` itself (uvicorn's loop replaced: nothing is served)."""
+    """The warning comes from `serve` itself (uvicorn's loop replaced: nothing is served, and the
+    socket is bound on loopback whatever the host says: the tests never listen beyond this machine)."""
     import uvicorn
 
-    from hypermerge.serve.server import serve
+    from hypermerge.serve import server as server_module
 
+    real_bind = server_module.bind
+    monkeypatch.setattr(server_module, "bind", lambda host, port: real_bind("127.0.0.1", port))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    serve = server_module.serve
     for keys, expected in (((), 1), ((KEY_OPTION,), 0)):
         warnings, announced = [], []
         serve(exports["feature-extraction"], ServeSettings(host="0.0.0.0", port=0, api_keys=keys),
