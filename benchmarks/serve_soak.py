@@ -353,9 +353,10 @@ def soak_seconds(default: float = 600.0) -> float:
 
 
 def run_soak(export: Path, seconds: float, *, fraction: float = 0.5, capacity_seconds: float = 10.0,
-             log=print) -> SoakResult:
-    """Capacity first, then ``seconds`` of open-loop load at ``fraction`` of it (see the module docstring)."""
-    with ServerProcess(export) as server:
+             max_queue: int | None = None, log=print) -> SoakResult:
+    """Capacity first, then ``seconds`` of open-loop load at ``fraction`` of it (see the module docstring);
+    ``max_queue``: the server's ``--max-queue`` (None: its default)."""
+    with ServerProcess(export, *(["--max-queue", str(max_queue)] if max_queue else [])) as server:
         async def body() -> SoakResult:
             await wait_ready(server.port)
             capacity, _, _ = await measure_capacity(server.port, capacity_seconds)

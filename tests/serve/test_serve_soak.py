@@ -20,9 +20,19 @@ from benchmarks.serve_soak import (
 pytestmark = pytest.mark.slow
 
 
+# The tiny model's capacity on a shared 2-core machine moved 3.5x within ten minutes (940 req/s in
+# one capacity measurement, 272 in the next), and a rate sustainable in a quiet minute was not in a
+# busy one: a quarter of the measured capacity stays under it, and a deep queue absorbs the host's
+# stalls (the load generator itself was starved for up to 1.7 s at a time), so that what the soak
+# judges is the server's stability (errors, drift, memory), not the neighbours' load. Refusals
+# under load are the overload test's subject.
+SOAK_FRACTION, SOAK_QUEUE = 0.25, 4096
+
+
 def test_soak_at_the_sustainable_rate(exports):
     """Zero errors, p99 of the last window within 1.5x the first, RSS growth under 10 %."""
-    result = run_soak(exports["feature-extraction"], soak_seconds())
+    result = run_soak(exports["feature-extraction"], soak_seconds(), fraction=SOAK_FRACTION, max_queue=SOAK_QUEUE,
+                      capacity_seconds=30.0)
     assert result.requests > 0 and result.errors == 0, result
     assert result.p99_drift <= P99_DRIFT_LIMIT, result
     assert result.rss_growth < RSS_GROWTH_LIMIT, result
