@@ -257,7 +257,8 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--provider", default="auto", show_default=True,
               help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt.")
 @click.option("--max-batch", type=int, default=32, show_default=True,
-              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching).")
+              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching). "
+                   "Generation: most sequences generating at once (the others queue).")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
               help="How long a batch may wait for more requests, from its oldest request's arrival.")
 @click.option("--workers", type=int, default=1, show_default=True,
@@ -271,10 +272,23 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="An adapter requests may choose with \"adapter\": NAME (repeatable; exports made with "
                    "--adapter-inputs only). Each is loaded and checked at start-up.")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (repeatable; any of them is accepted). Also "
+                   "HYPERMERGE_API_KEY (comma-separated) and --api-key-file, which keep keys out of `ps`.")
+@click.option("--api-key-file", "api_key_files", multiple=True, type=click.Path(path_type=Path),
+              help="A file of API keys, one per line, '#' comments (repeatable; e.g. a mounted secret).")
+@click.option("--open-metrics", is_flag=True,
+              help="Serve /metrics without a key even when keys are set (a scraper on a private network).")
+@click.option("--max-queue", type=int, default=None,
+              help="Most requests waiting for the model (per worker); more get 429 with Retry-After "
+                   "[default: 8 x --max-batch].")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a request may wait for the model before it is answered 503 [default: no limit].")
 @click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
           threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, adapters: tuple[str, ...],
-          quiet: bool) -> None:
+          api_keys: tuple[str, ...], api_key_files: tuple[Path, ...], open_metrics: bool, max_queue: int | None,
+          request_timeout: float | None, quiet: bool) -> None:
     """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),
     /health, /metrics."""
     from hypermerge.errors import BackendUnavailableError, ConfigError
@@ -290,14 +304,18 @@ def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int,
 
     try:
         from hypermerge.serve.app import ServeSettings
+        from hypermerge.serve.auth import API_KEY_ENV, collect_api_keys
         from hypermerge.serve.server import serve as run_server
     except ImportError as exc:
         raise BackendUnavailableError(f"serving needs fastapi, uvicorn and prometheus-client ({exc})",
                                       hint="pip install 'hypermerge[serve]'") from None
+    keys = collect_api_keys(api_keys, os.environ.get(API_KEY_ENV), api_key_files)
     settings = ServeSettings(host=host, port=port, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              workers=workers, threads=threads, max_inputs=max_inputs, name=name,
-                             graceful_timeout=graceful_timeout, quiet=quiet, adapters=named)
-    run_server(export_dir, settings, announce=lambda line: click.echo(line))
+                             graceful_timeout=graceful_timeout, quiet=quiet, adapters=named, api_keys=keys,
+                             open_metrics=open_metrics, max_queue=max_queue, request_timeout=request_timeout)
+    run_server(export_dir, settings, announce=lambda line: click.echo(line),
+               warn=lambda line: click.echo(line, err=True))
     click.echo("server stopped")
 
 
