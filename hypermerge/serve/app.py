@@ -82,6 +82,7 @@ class ServeSettings:
         quiet: no access log.
         adapters: adapter name -> adapter directory (``--adapter NAME=DIR``): what requests may
             choose with ``"adapter": NAME`` (exports with ``--adapter-inputs`` only).
+        model_file: the model in the directory: model.onnx, or model.int8.onnx / model.int4.onnx.
 
     Raises:
         ConfigError: every invalid value, in one message.
@@ -100,6 +101,7 @@ class ServeSettings:
     graceful_timeout: float = 30.0
     quiet: bool = False
     adapters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    model_file: str = "model.onnx"
 
     def __post_init__(self) -> None:
         problems = []
