@@ -79,6 +79,9 @@ def to_markdown(report: dict) -> str:
     lines = [f"# hypermerge export report: {report.get('task')}", ""]
     lines.append(f"- source: `{report.get('source', {}).get('path')}`")
     lines.append(f"- model: `{report.get('model_file')}` (opset {report.get('opset')}, {report.get('exporter')})")
+    if report.get("profile"):
+        profile = report["profile"]
+        lines.append(f"- profile: `{profile.get('name') or 'given as options'}` ({profile.get('description') or '—'})")
     for key in ("inputs", "outputs"):
         names = [entry["name"] for entry in report.get(key, [])]
         shown = names if len(names) <= 7 else [*names[:5], f"… {len(names)} in all"]
