@@ -501,8 +501,12 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                           hint="pass --source MODEL_DIR")
     tolerance = tolerance or TOLERANCES["fp32"]
     threads = threads or (report.get("latency") or {}).get("threads") or torch.get_num_threads()
-    has_int8, has_engine = (export_dir / INT8_FILE).exists(), (export_dir / trt_mod.ENGINE_FILE).exists()
-    names = ["loading", "parity"] + ["int8"] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
+    # the quantized file an export kept: model.int8.onnx, or a causal LM's weight-only model.int4.onnx
+    quant_file = next((name for name in (INT8_FILE, wq.WEIGHT_ONLY_FILES["int4"]) if (export_dir / name).exists()),
+                      None)
+    has_int8, has_engine = quant_file is not None, (export_dir / trt_mod.ENGINE_FILE).exists()
+    quant_label = "int4" if quant_file == wq.WEIGHT_ONLY_FILES["int4"] else "int8"
+    names = ["loading", "parity"] + [quant_label] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
     stage = _Stages(names, progress)
     try:
         stage("loading")
@@ -536,10 +540,10 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         failures = [] if report["parity"]["passed"] else [f"ONNX: {failure_summary(report['parity'])}"]
         accuracy = None
         if has_int8:
-            stage("int8")
-            int8 = open_session(export_dir / INT8_FILE, provider, threads)
+            stage(quant_label)
+            int8 = open_session(export_dir / quant_file, provider, threads)
             accuracy = opt.int8_accuracy(_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
-            backends["onnxruntime_int8"] = _runner(int8, contract)
+            backends[f"onnxruntime_{quant_label}"] = _runner(int8, contract)
         if has_engine:
             stage("TensorRT")
             _verify_engine(export_dir, report, contract, model, wrapper, tokenizer, new_tokens, backends, failures)
@@ -550,14 +554,17 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                                     threads=threads, iters=iters)
         if accuracy is not None:
             metric, bound = opt.INT8_BOUNDS[contract.task]
-            quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": INT8_FILE,
+            if contract.task == CAUSAL_LM:  # weight-only: its own bound
+                metric, bound = "top1_agreement", wq.WEIGHT_ONLY_BOUNDS[quant_label]
+            quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": quant_file,
                                                     "kept": True, "bound": {"metric": metric, "min": bound}})
-            p50, fp32 = report["latency"]["onnxruntime_int8"]["p50_ms"], report["latency"]["onnxruntime"]["p50_ms"]
+            p50 = report["latency"][f"onnxruntime_{quant_label}"]["p50_ms"]
+            fp32 = report["latency"]["onnxruntime"]["p50_ms"]
             quant.update(accuracy=accuracy, p50_ms=p50, fp32_p50_ms=fp32, ratio_to_fp32=p50 / fp32,
                          ratio_to_torch=p50 / report["latency"]["torch"]["p50_ms"],
                          reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
             if accuracy[metric] < bound:
-                failures.append(f"int8: {metric} {accuracy[metric]:.4f} below the bound {bound}")
+                failures.append(f"{quant_label}: {metric} {accuracy[metric]:.4f} below the bound {bound}")
         report["seconds"] = round(time.perf_counter() - start, 1)
         write_report(export_dir, report)
     finally:

@@ -189,3 +189,11 @@ def test_serve_loads_the_model_file(int4_export):
     assert not np.array_equal(logits, fp32.run(feeds)[0])
     with pytest.raises(hm.ExportError, match="model.int2.onnx"):
         load_model(result.out, ServeSettings(model_file="model.int2.onnx"))
+
+
+def test_verify_rechecks_the_int4_model(int4_export):
+    _, result = int4_export
+    report = hm.verify_export(result.out, batch=2, seq=8, iters=3, progress=False)
+    quant = report["quantized"]
+    assert quant["file"] == "model.int4.onnx" and "Re-verified: top1_agreement" in quant["reason"]
+    assert "onnxruntime_int4" in report["latency"] and quant["bound"]["min"] == wq.WEIGHT_ONLY_BOUNDS["int4"]
