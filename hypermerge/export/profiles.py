@@ -97,7 +97,8 @@ class ExportProfile:
             if getattr(self, key) < 0:
                 problems.append(f"{key}: must not be negative, got {getattr(self, key)}")
         if not self.trt and (self.precision != "fp32" or self.shapes):
-            problems.append("precision and shapes apply to TensorRT engines: set trt: true")
+            problems.append("precision and shapes (--fp16, --bf16, --shapes) apply to TensorRT engines: "
+                            "set trt: true (--trt)")
         if self.trt and self.adapter_inputs:
             problems.append("adapter_inputs cannot be combined with trt yet")
         return problems
