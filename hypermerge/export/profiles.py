@@ -233,7 +233,8 @@ def export_with_profile(model_dir: str | Path, out: str | Path, profile: str | P
                         overrides: Mapping[str, Any] | None = None, *, task: str = "auto", overwrite: bool = False,
                         progress: bool = True):
     """``hm.export_model`` with the options of a profile (``overrides`` win); the resolved profile
-    is saved in the report (``report["profile"]``, with its name or file).
+    is saved in the report (``report["profile"]``, with its name or file). ``profile=None``: the
+    defaults and ``overrides`` only, and no profile in the report (plain ``hypermerge export``).
 
     Raises:
         ConfigError: the profile is unknown or invalid (every problem at once), before anything is loaded.
@@ -244,7 +245,7 @@ def export_with_profile(model_dir: str | Path, out: str | Path, profile: str | P
     resolved = load_profile(profile, overrides)
     recorded = {"name": _profile_name(profile), **resolved.to_dict()}
     return export_model(model_dir, out, task, **resolved.export_options(), overwrite=overwrite, progress=progress,
-                        profile=recorded)
+                        profile=recorded if profile is not None else None)
 
 
 def _profile_name(profile: str | Path | ExportProfile | Mapping | None) -> str | None:
