@@ -140,15 +140,31 @@ def _latency_options(func):
     return func
 
 
+# export options that a profile (export/*.yaml) may also set: CLI parameter -> profile key
+_PROFILE_OPTIONS = {"opset": "opset", "optimize": "optimize", "quantize": "quantize", "block_size": "block_size",
+                    "accuracy_level": "accuracy_level", "trt": "trt", "shapes": "shapes",
+                    "adapter_inputs": "adapter_inputs", "batch": "batch", "seq": "seq", "threads": "threads",
+                    "iters": "iters", "provider": "provider", "atol": "atol", "rtol": "rtol"}
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--profile", default=None, metavar="NAME|PATH",
+              help="Export profile: a name from export/ (ort-cpu-int8, ort-cpu-int4-decode, trt-fp16...) or a YAML "
+                   "file; options given here override it.")
 @click.option("--task", default="auto", show_default=True,
               help="auto (from config.architectures), feature-extraction, sequence-classification, causal-lm.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="onnxruntime's transformer optimizer (fusions); parity re-checked.")
-@click.option("--quantize", default=None, metavar="int8",
-              help="Also try dynamic int8; kept as model.int8.onnx only if faster and within its accuracy bound.")
+@click.option("--quantize", default=None, metavar="int8|int4",
+              help="Also write a quantized model beside model.onnx (fp32), kept only if faster and within its "
+                   "accuracy bound: int8 (encoders: dynamic; causal LMs: weight-only) or int4 (causal LMs, "
+                   "weight-only, for decoding).")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="Weight-only quantization (causal LMs): weights per scale.")
+@click.option("--accuracy-level", type=int, default=4, show_default=True,
+              help="Weight-only quantization: MatMulNBits compute type (4: int8 activations, fastest on CPU; 1: fp32).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and a CUDA GPU).")
 @click.option("--fp16", is_flag=True, help="TensorRT engine in fp16.")
 @click.option("--bf16", is_flag=True, help="TensorRT engine in bf16.")
@@ -163,24 +179,25 @@ def _latency_options(func):
               help="Also write a Triton model repository here (as `hypermerge triton` with its defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
-def export(model_dir: Path, out_dir: Path, task: str, opset: int, optimize: bool, quantize: str | None, trt: bool,
-           fp16: bool, bf16: bool, shapes: str | None, no_verify: bool, adapter_inputs: bool, batch: int | None,
-           seq: int | None, threads: int | None, iters: int, provider: str, atol: float, rtol: float,
-           triton_repo: Path | None,
-           overwrite: bool, quiet: bool) -> None:
+@click.pass_context
+def export(ctx: click.Context, model_dir: Path, out_dir: Path, profile: str | None, task: str, fp16: bool,
+           bf16: bool, no_verify: bool, triton_repo: Path | None, overwrite: bool, quiet: bool, **options) -> None:
     """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
     from hypermerge.errors import ConfigError
-    from hypermerge.export import export_model
-    from hypermerge.export.parity import Tolerance
+    from hypermerge.export.profiles import export_with_profile
     from hypermerge.serve.triton import write_triton_repo
 
     if fp16 and bf16:
         raise ConfigError("--fp16 and --bf16 exclude each other", hint="pick one")
-    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    result = export_model(model_dir, out_dir, task, opset=opset, optimize=optimize, quantize=quantize, trt=trt,
-                          precision=precision, shapes=shapes, verify=not no_verify, overwrite=overwrite, batch=batch,
-                          seq=seq, threads=threads, iters=iters, provider=provider, tolerance=Tolerance(atol, rtol),
-                          progress=not quiet, adapter_inputs=adapter_inputs)
+    # only what was typed overrides the profile; click's defaults are the profile defaults
+    given = {key: options[name] for name, key in _PROFILE_OPTIONS.items()
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if fp16 or bf16:
+        given["precision"] = "fp16" if fp16 else "bf16"
+    if no_verify:
+        given["verify"] = False
+    result = export_with_profile(model_dir, out_dir, profile, given, task=task, overwrite=overwrite,
+                                 progress=not quiet)
     click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     click.echo(result.report.markdown())
     if triton_repo is not None:
@@ -284,11 +301,13 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
                    "[default: 8 x --max-batch].")
 @click.option("--request-timeout", type=float, default=None,
               help="Seconds a request may wait for the model before it is answered 503 [default: no limit].")
+@click.option("--model-file", default="model.onnx", show_default=True,
+              help="The model to serve: model.onnx, or model.int8.onnx / model.int4.onnx where the export kept one.")
 @click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
           threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, adapters: tuple[str, ...],
           api_keys: tuple[str, ...], api_key_files: tuple[Path, ...], open_metrics: bool, max_queue: int | None,
-          request_timeout: float | None, quiet: bool) -> None:
+          request_timeout: float | None, model_file: str, quiet: bool) -> None:
     """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),
     /health, /metrics."""
     from hypermerge.errors import BackendUnavailableError, ConfigError
@@ -313,7 +332,8 @@ def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int,
     settings = ServeSettings(host=host, port=port, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              workers=workers, threads=threads, max_inputs=max_inputs, name=name,
                              graceful_timeout=graceful_timeout, quiet=quiet, adapters=named, api_keys=keys,
-                             open_metrics=open_metrics, max_queue=max_queue, request_timeout=request_timeout)
+                             open_metrics=open_metrics, max_queue=max_queue, request_timeout=request_timeout,
+                             model_file=model_file)
     run_server(export_dir, settings, announce=lambda line: click.echo(line),
                warn=lambda line: click.echo(line, err=True))
     click.echo("server stopped")

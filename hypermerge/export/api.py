@@ -16,6 +16,7 @@ from hypermerge._fs import atomic_output_dir, require_dir
 from hypermerge._version import __version__
 from hypermerge.errors import ConfigError, ExportError, HypermergeError, ParityError
 from hypermerge.export import optimize as opt
+from hypermerge.export import quantize as wq
 from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.adapter_inputs import ScaleInputs, scales_section
 from hypermerge.export.latency import measure
@@ -132,7 +133,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                  shapes: str | None = None, verify: bool = True, overwrite: bool = False,
                  batch: int | None = None, seq: int | None = None, threads: int | None = None, iters: int = 30,
                  external_data: bool | None = None, tolerance: Tolerance | None = None, new_tokens: int = 16,
-                 provider: str = "auto", progress: bool = True, adapter_inputs: bool = False) -> ExportResult:
+                 provider: str = "auto", progress: bool = True, adapter_inputs: bool = False,
+                 block_size: int = 32, accuracy_level: int = 4, profile: dict | None = None) -> ExportResult:
     """Export a HF model directory to a verified ONNX directory (and optionally a TensorRT engine).
 
     Args:
@@ -140,8 +142,11 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
         out: the output directory (written atomically: on any error nothing is left).
         task: auto (from ``config.architectures``), feature-extraction, sequence-classification or causal-lm.
         optimize: apply onnxruntime's transformer optimizer; parity is re-checked on the result.
-        quantize: "int8" for dynamic quantization, kept as ``model.int8.onnx`` only if it is faster
-            and within the accuracy bound (``model.onnx`` stays fp32 either way).
+        quantize: "int8" or "int4". Encoders: int8 dynamic quantization, kept as ``model.int8.onnx``
+            only if it is faster and within the accuracy bound. Causal LMs: weight-only (MatMulNBits,
+            ``block_size`` weights per scale, ``accuracy_level`` its compute type), kept as
+            ``model.int4.onnx`` / ``model.int8.onnx`` only if within its next-token agreement bound
+            and faster to decode. ``model.onnx`` stays fp32 either way.
         trt: also build ``model.engine`` with TensorRT (``precision`` fp32/fp16/bf16, ``shapes`` its profile).
         verify: check parity (and measure latency); False skips both.
         batch, seq, threads, iters: the latency measurement (defaults: 8×64 encoders, 1×64 causal LMs;
@@ -153,6 +158,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             ``adapter_inputs.json``), so one model serves many adapters
             (``hm.OnnxModel.load(...).embed(texts, adapter=DIR)``); parity is also checked with
             random scales against the PyTorch model with those scales.
+        profile: the resolved export profile these options came from (recorded in the report; see
+            :func:`hypermerge.export.profiles.export_with_profile`).
 
     Returns:
         The output path, task, report and the files written.
@@ -168,8 +175,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
     model_dir = require_dir(model_dir, "model directory").absolute()
     config = read_config(model_dir)
     task = detect_task(config, model_dir / "config.json") if task == "auto" else check_task(task)
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"unknown quantization {quantize!r}", hint="the only one is int8")
+    _check_quantize(quantize, task, block_size, accuracy_level)
     if not trt and (precision != "fp32" or shapes):
         raise ConfigError("--fp16, --bf16 and --shapes apply to TensorRT engines", hint="add --trt")
     if adapter_inputs and trt:
@@ -187,7 +193,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
     threads = threads or torch.get_num_threads()
     names = ["loading the model", "exporting to ONNX"] + ["parity"] * verify + ["adapter inputs"] * (
         adapter_inputs and verify) + ["optimizing"] * optimize
-    names += ["int8"] * bool(quantize) + ["TensorRT"] * trt + ["latency", "weights map"]
+    names += [str(quantize)] * bool(quantize) + ["TensorRT"] * trt + ["latency", "weights map"]
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         # the bar starts once the output is known to be writable: errors before it stay one line
         stage = _Stages(names, progress)
@@ -210,7 +216,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                       "task": task, "opset": opset, "dtype": "float32",
                       "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
                       "model_file": MODEL_FILE, "external_data": (tmp / f"{MODEL_FILE}.data").exists(),
-                      "inputs": inputs, "outputs": outputs, "parity": None, "latency": None}
+                      "inputs": inputs, "outputs": outputs, "parity": None, "latency": None,
+                      **({"profile": profile} if profile is not None else {})}
             backend = f"onnxruntime:{session_provider(session)}"
             if verify:
                 stage("parity")
@@ -244,8 +251,14 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                 report["optimize"]["parity_passed"] = report["optimize"].get("parity", {}).get("passed")
                 backends = {"onnxruntime": _runner(session, contract),
                             "onnxruntime_unoptimized": backends["onnxruntime"]}
-            accuracy = None
-            if quantize:
+            accuracy = decoder_quant = None
+            if quantize and task == CAUSAL_LM:
+                stage(quantize)
+                decoder_quant, backends[f"onnxruntime_{quantize}"] = _weight_only(
+                    served, tmp, quantize, wq.WeightOnlyConfig(wq.BITS[quantize], block_size, accuracy_level),
+                    report["external_data"], provider, threads, backends["onnxruntime"], model, wrapper, contract,
+                    tokenizer, max(new_tokens, 32))
+            elif quantize:
                 stage("int8")
                 int8, accuracy = _quantize(served, tmp / INT8_FILE, report["external_data"], provider, threads,
                                            contract, wrapper, _vocab(model), tokenizer, task)
@@ -266,7 +279,9 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                     _drop_backend(report["latency"], "onnxruntime_unoptimized")
                 del session, backends
                 move_onnx(served, tmp / MODEL_FILE)
-            if quantize:
+            if decoder_quant is not None:
+                report["quantized"] = _decide_weight_only(tmp, decoder_quant, report["latency"])
+            elif quantize:
                 report["quantized"] = _decide_int8(tmp, report["latency"], accuracy, task)
             stage("weights map")
             report["weights_map"] = record_weights_map(tmp, model_dir, report["source"]["weights_sha256"])
@@ -330,6 +345,40 @@ def _drop_backend(latency: dict, name: str) -> None:
     step = latency.get("decode_step")
     if step:
         _drop_backend(step, name)
+
+
+def _check_quantize(quantize: str | None, task: str, block_size: int, accuracy_level: int) -> None:
+    if quantize not in (None, *wq.BITS):
+        raise ConfigError(f"unknown quantization {quantize!r}", hint=f"use {' or '.join(wq.BITS)}")
+    if quantize == "int4" and task != CAUSAL_LM:
+        raise ConfigError(f"int4 is weight-only quantization for decoding causal LMs; this is {task}",
+                          hint="use --quantize int8 for encoders")
+    if block_size not in wq.BLOCK_SIZES:
+        raise ConfigError(f"block size {block_size} is not one of {', '.join(map(str, wq.BLOCK_SIZES))}")
+    if accuracy_level not in wq.ACCURACY_LEVELS:
+        raise ConfigError(f"accuracy level {accuracy_level} is not one of "
+                          f"{', '.join(map(str, wq.ACCURACY_LEVELS))}", hint="4 (int8 activations) is fastest on CPU")
+
+
+def _weight_only(src: Path, out_dir: Path, scheme: str, config, external_data: bool, provider: str, threads: int,
+                 fp32_run, model, wrapper, contract, tokenizer, new_tokens: int):
+    """Write the weight-only model beside the fp32 one and measure it (kept or not: decided later)."""
+    dst = out_dir / wq.WEIGHT_ONLY_FILES[scheme]
+    details = wq.quantize_weight_only(src, dst, config, external_data=external_data)
+    run = _runner(open_session(dst, provider, threads), contract)
+    quality = wq.measure_decode_quality(scheme, dst, fp32_run, run, details, model=model, wrapper=wrapper,
+                                        contract=contract, vocab=_vocab(model), tokenizer=tokenizer,
+                                        new_tokens=new_tokens)
+    return quality, run
+
+
+def _decide_weight_only(out_dir: Path, quality, latency: dict | None) -> dict:
+    """Keep the weight-only model if within its bound and faster to decode; else remove it."""
+    if not quality.decide():
+        remove_onnx(out_dir / quality.file)
+        if latency:
+            _drop_backend(latency, f"onnxruntime_{quality.scheme}")
+    return quality.to_dict()
 
 
 def _quantize(src: Path, dst: Path, external_data: bool, provider: str, threads: int, contract, wrapper,
@@ -452,8 +501,12 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                           hint="pass --source MODEL_DIR")
     tolerance = tolerance or TOLERANCES["fp32"]
     threads = threads or (report.get("latency") or {}).get("threads") or torch.get_num_threads()
-    has_int8, has_engine = (export_dir / INT8_FILE).exists(), (export_dir / trt_mod.ENGINE_FILE).exists()
-    names = ["loading", "parity"] + ["int8"] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
+    # the quantized file an export kept: model.int8.onnx, or a causal LM's weight-only model.int4.onnx
+    quant_file = next((name for name in (INT8_FILE, wq.WEIGHT_ONLY_FILES["int4"]) if (export_dir / name).exists()),
+                      None)
+    has_int8, has_engine = quant_file is not None, (export_dir / trt_mod.ENGINE_FILE).exists()
+    quant_label = "int4" if quant_file == wq.WEIGHT_ONLY_FILES["int4"] else "int8"
+    names = ["loading", "parity"] + [quant_label] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
     stage = _Stages(names, progress)
     try:
         stage("loading")
@@ -487,10 +540,10 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         failures = [] if report["parity"]["passed"] else [f"ONNX: {failure_summary(report['parity'])}"]
         accuracy = None
         if has_int8:
-            stage("int8")
-            int8 = open_session(export_dir / INT8_FILE, provider, threads)
+            stage(quant_label)
+            int8 = open_session(export_dir / quant_file, provider, threads)
             accuracy = opt.int8_accuracy(_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
-            backends["onnxruntime_int8"] = _runner(int8, contract)
+            backends[f"onnxruntime_{quant_label}"] = _runner(int8, contract)
         if has_engine:
             stage("TensorRT")
             _verify_engine(export_dir, report, contract, model, wrapper, tokenizer, new_tokens, backends, failures)
@@ -501,14 +554,17 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                                     threads=threads, iters=iters)
         if accuracy is not None:
             metric, bound = opt.INT8_BOUNDS[contract.task]
-            quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": INT8_FILE,
+            if contract.task == CAUSAL_LM:  # weight-only: its own bound
+                metric, bound = "top1_agreement", wq.WEIGHT_ONLY_BOUNDS[quant_label]
+            quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": quant_file,
                                                     "kept": True, "bound": {"metric": metric, "min": bound}})
-            p50, fp32 = report["latency"]["onnxruntime_int8"]["p50_ms"], report["latency"]["onnxruntime"]["p50_ms"]
+            p50 = report["latency"][f"onnxruntime_{quant_label}"]["p50_ms"]
+            fp32 = report["latency"]["onnxruntime"]["p50_ms"]
             quant.update(accuracy=accuracy, p50_ms=p50, fp32_p50_ms=fp32, ratio_to_fp32=p50 / fp32,
                          ratio_to_torch=p50 / report["latency"]["torch"]["p50_ms"],
                          reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
             if accuracy[metric] < bound:
-                failures.append(f"int8: {metric} {accuracy[metric]:.4f} below the bound {bound}")
+                failures.append(f"{quant_label}: {metric} {accuracy[metric]:.4f} below the bound {bound}")
         report["seconds"] = round(time.perf_counter() - start, 1)
         write_report(export_dir, report)
     finally:

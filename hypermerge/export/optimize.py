@@ -50,7 +50,7 @@ SENTENCES = [
 
 
 @contextlib.contextmanager
-def _silenced() -> None:
+def silenced() -> None:
     """The optimizer and quantizer log and print freely; keep the CLI's output ours."""
     root = logging.getLogger()
     level = root.level
@@ -78,7 +78,7 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
     heads = int(text.get("num_attention_heads") or text.get("n_head") or 0)
     hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
     try:
-        with _silenced():
+        with silenced():
             # opt_level 0: only the fusions, which every execution provider runs; onnxruntime applies
             # its own graph optimisations when it loads the model for the provider at hand
             optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden,
@@ -130,7 +130,7 @@ def quantize_int8(src: Path, dst: Path, *, external_data: bool = False, keep_fp3
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        with _silenced():
+        with silenced():
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external_data,
                              nodes_to_exclude=list(keep_fp32 or []), extra_options={"MatMulConstBOnly": True})

@@ -79,6 +79,9 @@ def to_markdown(report: dict) -> str:
     lines = [f"# hypermerge export report: {report.get('task')}", ""]
     lines.append(f"- source: `{report.get('source', {}).get('path')}`")
     lines.append(f"- model: `{report.get('model_file')}` (opset {report.get('opset')}, {report.get('exporter')})")
+    if report.get("profile"):
+        profile = report["profile"]
+        lines.append(f"- profile: `{profile.get('name') or 'given as options'}` ({profile.get('description') or '—'})")
     for key in ("inputs", "outputs"):
         names = [entry["name"] for entry in report.get(key, [])]
         shown = names if len(names) <= 7 else [*names[:5], f"… {len(names)} in all"]
@@ -119,7 +122,9 @@ def to_markdown(report: dict) -> str:
                   "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
                       optimize.get("parity_passed")]]
     quant = report.get("quantized")
-    if quant:
+    if quant and quant.get("kind") == "weight-only":
+        lines += weight_only_lines(quant)
+    elif quant:
         metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
         lines += ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
                   f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
@@ -131,6 +136,25 @@ def to_markdown(report: dict) -> str:
                   f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
     lines += _patch_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def weight_only_lines(section: dict) -> list[str]:
+    """The weight-only quantization section of a causal LM (``--quantize int4`` / ``int8``)."""
+    top1, greedy, speed = section["accuracy"], section["greedy"], section["decode_tokens_per_s"]
+    title = f"kept as {section['file']}" if section["kept"] else "not kept"
+    lines = ["", f"## {section['scheme']} ({section['method']}): {title}",
+             f"Next-token top-1 agreement with PyTorch fp32: {top1['top1_agreement']:.4f} (bound ≥ "
+             f"{section['bound']['min']}) over {top1.get('positions', '?')} positions of {top1['samples']} "
+             f"{top1['inputs']}. Greedy decode, tokens until the first divergence from PyTorch "
+             f"(of {greedy['new_tokens']}): {', '.join(map(str, greedy['lengths']))}.", "",
+             f"| decode ({speed['new_tokens']} new tokens, greedy) | fp32 ONNX tokens/s | {section['scheme']} "
+             "tokens/s | ratio |", "|---|---|---|---|"]
+    for key, row in speed.items():
+        if key.startswith("batch_"):
+            lines.append(f"| batch {key.removeprefix('batch_')} | {row['fp32']:.1f} | {row['quantized']:.1f} | "
+                         f"{row['quantized'] / row['fp32']:.2f}× |")
+    lines += ["", section["reason"]]
+    return lines
 
 
 def _patch_lines(report: dict) -> list[str]:

@@ -98,6 +98,7 @@ class ServeSettings:
         max_queue: most requests waiting for the model per worker before new ones get 429 (None:
             ``QUEUE_BATCHES`` × ``max_batch``, see :attr:`queue_limit`).
         request_timeout: seconds a request may wait for the model before it is answered 503 (None: no limit).
+        model_file: the model in the directory: model.onnx, or model.int8.onnx / model.int4.onnx.
 
     Raises:
         ConfigError: every invalid value, in one message.
@@ -120,6 +121,7 @@ class ServeSettings:
     open_metrics: bool = False
     max_queue: int | None = None
     request_timeout: float | None = None
+    model_file: str = "model.onnx"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))  # JSON (worker settings) gives a list

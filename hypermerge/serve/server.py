@@ -52,7 +52,8 @@ def load_model(path: str | Path, settings: ServeSettings) -> OnnxModel:
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
     # No spinning: between model runs the worker's other threads (event loop, tokenizer) need the
     # cores that onnxruntime's idle threads would otherwise keep busy-waiting on (benchmarks/RESULTS.md).
-    return OnnxModel.load(path, provider=settings.provider, threads=threads, session_config=NO_SPINNING)
+    return OnnxModel.load(path, provider=settings.provider, threads=threads, session_config=NO_SPINNING,
+                          model_file=settings.model_file)
 
 
 def bind(host: str, port: int) -> socket.socket:
