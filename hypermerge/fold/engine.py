@@ -35,6 +35,7 @@ from hypermerge._version import __version__
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, check_fingerprint, read_adapter
 from hypermerge.adapters.targets import match_suffix
+from hypermerge.adapters.validation import check_layers
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError
 from hypermerge.fold.hfdir import (
     DTYPES,
@@ -113,6 +114,7 @@ def plan_fold(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> FoldPlan:
             path=base.path, hint="fold onto the base model the adapter was trained on (--base)",
         )
     check_fingerprint(adapter, base.shapes, {t: b for b, t in folds.items()}, where="the base checkpoint")
+    check_layers(adapter, {t: base.shapes[b] for b, t in folds.items()}, where="the base checkpoint")
     check_finite(adapter)
     for weight_name in folds:
         if base.dtypes[weight_name] not in CASTABLE:
