@@ -344,7 +344,41 @@ def check_export_base(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, re
         values = reader.tensor(name)
         return None if values is None else sample_of(values)
 
-    return check_base(checkpoint, export_dir, read_sample, names, allow_other_base=allow_other_base, what="patch")
+    try:
+        return check_base(checkpoint, export_dir, read_sample, names, allow_other_base=allow_other_base, what="patch")
+    except AdapterMismatchError as exc:
+        if not weights_map.patches:
+            raise
+        already = weights_map.patches[-1]["adapter"]
+        raise AdapterMismatchError(f"{exc.what}; the export already has the adapter {already} folded in",
+                                   path=exc.path, hint="use an export of the adapter's own base model, not a "
+                                                       "patched one") from None
+
+
+def _certify(checkpoint: AdapterCheckpoint, content_check: BaseCheck, source_path: Path, report: dict,
+             adapters: list[str], out_dir: Path, weights_map: WeightsMap, verify: bool, provider: str,
+             threads: int | None, new_tokens: int) -> dict:
+    """The patched export's certificate: adapter -> the export's base -> engine, and end to end.
+
+    Raises:
+        ParityError: the patched engine does not compute what base + adapter (unfolded) compute.
+    """
+    from hypermerge.export import certificate as cert
+    from hypermerge.export.parity import failure_summary
+
+    certificate = cert.patch_certificate(adapters[-1], checkpoint.content_sha256(), checkpoint.method.name,
+                                         checkpoint.metadata.get("source", "hypermerge"), source_path,
+                                         (report.get("source") or {}).get("weights_sha256"), content_check.to_dict(),
+                                         adapters[:-1])
+    e2e = {"passed": None, "why": "not run (--no-verify)"}
+    if verify:
+        e2e = cert.end_to_end(out_dir, certificate, task=report.get("task") or "auto", provider=provider,
+                              threads=threads, new_tokens=new_tokens, adapters_before=adapters[:-1],
+                              weights_map=weights_map)
+        if e2e.get("passed") is False:
+            raise ParityError(f"the patched engine does not compute what the adapter model computes: "
+                              f"{failure_summary(e2e)}", path=out_dir.parent, hint="fold the adapter and export it")
+    return cert.finish(certificate, out_dir, report.get("parity"), e2e)
 
 
 def _copy_export_files(export_dir: Path, tmp: Path, weights_map: WeightsMap, model, refit: bool) -> list[str]:
@@ -501,6 +535,8 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
                                       + "; ".join(failures), path=export_dir,
                                       hint="TensorRT can drop a GEMM bias on refit: rebuild with hypermerge export --trt")
             result.tensorrt = report["tensorrt"]
+        report["certificate"] = _certify(checkpoint, content_check, source_path, report, adapters, tmp,
+                                         weights_map, verify, provider, threads, new_tokens)
         result.seconds = time.perf_counter() - start
         report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
         report["patch"]["seconds"] = round(result.seconds, 2)
