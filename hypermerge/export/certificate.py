@@ -117,7 +117,8 @@ def finish(certificate: dict, export_dir: Path, parity: dict | None, end_to_end:
     fold_check = (certificate.get("folded") or {}).get("fold_check")
     if isinstance(fold_check, dict):
         checks.append(fold_check.get("passed", True))
-    certificate["passed"] = all(c is not False for c in checks) and any(c is not None for c in checks)
+    ran = [c for c in checks if c is not None]
+    certificate["passed"] = all(ran) if ran else None  # None: nothing was checked (--no-verify)
     return certificate
 
 
@@ -215,7 +216,7 @@ def markdown(certificate: dict | None) -> list[str]:
     adapter, base = certificate["adapter"], certificate["base"]
     folded, engine = certificate.get("folded"), certificate.get("engine") or {}
     e2e = certificate.get("end_to_end") or {}
-    verdict = "PASSED" if certificate.get("passed") else "NOT PASSED"
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT CHECKED (--no-verify)"}[certificate.get("passed")]
     lines = ["", f"## Certificate, {certificate['chain']}: {verdict}", "",
              f"1. adapter `{adapter['path']}` ({adapter.get('method')}, {adapter.get('format')}), "
              f"sha256 `{str(adapter.get('sha256'))[:16]}`",
