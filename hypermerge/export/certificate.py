@@ -40,7 +40,7 @@ class LinkCheck:
     """One link re-checked by ``verify``."""
 
     link: str  # "adapter", "base", "folded weights", "engine"
-    held: bool
+    held: bool | None  # None: the file is gone, so the link cannot be re-checked (not a failure)
     detail: str
 
 
@@ -169,23 +169,27 @@ def check_links(export_dir: Path, certificate: dict) -> list[LinkCheck]:
     adapter = certificate.get("adapter") or {}
     if adapter.get("sha256"):
         now = adapter_sha256(Path(adapter["path"]))
-        checks.append(LinkCheck("adapter", now == adapter["sha256"],
-                                "adapter missing" if now is None else "adapter changed"))
+        checks.append(_link("adapter", now, adapter["sha256"]))
     base = certificate.get("base") or {}
     if base.get("weights_sha256"):
         path = Path(base["path"])
         now = weights_sha256(path) if path.is_dir() else None
-        checks.append(LinkCheck("base", now == base["weights_sha256"], "base missing" if now is None else "base changed"))
+        checks.append(_link("base", now, base["weights_sha256"]))
     folded = certificate.get("folded") or {}
     if folded.get("weights_sha256") and folded.get("path"):
         path = Path(folded["path"])
         now = weights_sha256(path) if path.is_dir() else None
-        checks.append(LinkCheck("folded weights", now == folded["weights_sha256"],
-                                "folded weights missing" if now is None else "folded weights changed"))
+        checks.append(_link("folded weights", now, folded["weights_sha256"]))
     engine = certificate.get("engine") or {}
     if engine.get("sha256"):
-        checks.append(LinkCheck("engine", engine_sha256(export_dir) == engine["sha256"], "engine changed"))
+        checks.append(_link("engine", engine_sha256(export_dir), engine["sha256"]))
     return checks
+
+
+def _link(link: str, now: str | None, recorded: str) -> LinkCheck:
+    if now is None:
+        return LinkCheck(link, None, f"{link} not reachable: not re-checked")
+    return LinkCheck(link, now == recorded, f"{link} unchanged" if now == recorded else f"{link} changed")
 
 
 def verify_links(export_dir: Path, report: dict) -> dict | None:
@@ -193,11 +197,13 @@ def verify_links(export_dir: Path, report: dict) -> dict | None:
     certificate = report.get("certificate")
     if not isinstance(certificate, dict):
         return None
-    for check in check_links(export_dir, certificate):
-        if not check.held:
+    checks = check_links(export_dir, certificate)
+    for check in checks:
+        if check.held is False:
             raise CertificateError(f"the certificate is broken at the {check.link} link: {check.detail} since it "
                                    "was certified", path=export_dir,
                                    hint=_HINTS.get(check.link, "re-export the model"))
+    certificate["rechecked"] = {check.link: check.detail for check in checks}
     return certificate
 
 
