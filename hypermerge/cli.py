@@ -78,17 +78,22 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "float16", "bfloat16"])
 @click.option("--tolerance", type=float, default=None,
               help="Largest relative difference --verify accepts [default: 1e-4 float32, 1e-2 float16, 5e-2 bfloat16].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--allow-other-base", is_flag=True,
+              help="Fold even if the base's content differs from the adapter's record of its base (recorded).")
 @quiet_option
 def fold(adapter_dir: Path, base_dir: Path | None, out_dir: Path, dtype: str, max_shard_size: str | None,
-         verify: bool, tolerance: float | None, overwrite: bool, quiet: bool) -> None:
+         verify: bool, tolerance: float | None, overwrite: bool, allow_other_base: bool, quiet: bool) -> None:
     """Fold an adapter (hypermerge or PEFT) into its base: a dense HF model directory, streamed one
     tensor at a time."""
     from hypermerge.fold import fold_checkpoint
 
     result = fold_checkpoint(adapter_dir, out_dir, base=base_dir, dtype=dtype, overwrite=overwrite,
-                             progress=not quiet, max_shard_size=max_shard_size, verify=verify, tolerance=tolerance)
+                             progress=not quiet, max_shard_size=max_shard_size, verify=verify, tolerance=tolerance,
+                             allow_other_base=allow_other_base)
     click.echo(f"folded {result.folded} weights ({result.method}) into {result.out} "
                f"({result.shards} shard{'s' if result.shards != 1 else ''}) in {result.seconds:.1f} s")
+    if result.base_check is not None:
+        click.echo(f"base: {result.base_check.detail}")
     if result.verify is not None:
         report = result.verify
         click.echo(f"verified: max abs difference {report['max_abs']:.3g}, max relative {report['max_rel']:.3g} "
@@ -111,6 +116,7 @@ def inspect(adapter_dir: Path, base_dir: Path | None, as_json: bool) -> None:
     click.echo(f"method               {summary['method']}")
     click.echo(f"config               {json.dumps(summary['config'])}")
     click.echo(f"base model           {summary['base_model']}")
+    click.echo(f"base content         {summary['base_content']}")
     click.echo(f"targets              {summary['targets']} ({', '.join(summary['target_suffixes'])})")
     click.echo(f"trainable parameters {summary['trainable_parameters']:,}")
     if "base_parameters" in summary:
@@ -221,15 +227,18 @@ def export(ctx: click.Context, model_dir: Path, out_dir: Path, profile: str | No
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
+@click.option("--allow-other-base", is_flag=True,
+              help="Patch even if the export's weights differ from the adapter's record of its base (recorded).")
 def patch(export_dir: Path, adapter_dir: Path, out_dir: Path, no_verify: bool, trt: bool, source: Path | None,
-          provider: str, threads: int | None, atol: float, rtol: float, overwrite: bool, quiet: bool) -> None:
+          provider: str, threads: int | None, atol: float, rtol: float, overwrite: bool, quiet: bool,
+          allow_other_base: bool) -> None:
     """Fold an adapter into an exported model: same graph, new initializers, no re-export."""
     from hypermerge.export.parity import Tolerance
     from hypermerge.patch import patch_export
 
     result = patch_export(export_dir, adapter_dir, out_dir, verify=not no_verify, trt=trt, source=source,
                           overwrite=overwrite, tolerance=Tolerance(atol, rtol), provider=provider, threads=threads,
-                          progress=not quiet)
+                          progress=not quiet, allow_other_base=allow_other_base)
     click.echo(f"patched {result.folded} tensors ({result.method}, {result.adapter_format} adapter) into "
                f"{result.out}: {result.initializers} initializers rewritten, graph unchanged, in {result.seconds:.1f} s")
     click.echo(f"base checked {result.base_check}")
