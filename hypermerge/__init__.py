@@ -11,33 +11,10 @@
     hm.train("train/minilm-sentiment-hyperadapt.yaml", max_steps=100)   # or: hypermerge train RECIPE
 """
 
+import importlib
+
+from hypermerge._optional import missing_dependency
 from hypermerge._version import __version__
-from hypermerge.adapters import (
-    METHODS,
-    AdaLoRAConfig,
-    AdapterCheckpoint,
-    AdapterConfig,
-    AdapterLayer,
-    AdapterMethod,
-    DoRAConfig,
-    HyperAdaLoRAConfig,
-    HyperAdaptConfig,
-    HyperLoRAConfig,
-    IA3Config,
-    LoRAConfig,
-    adapter_layers,
-    allocate_ranks,
-    fold_model,
-    get_method,
-    inject,
-    load_adapter,
-    rank_pattern,
-    read_adapter,
-    regularization_loss,
-    save_adapter,
-    set_total_steps,
-    trainable_parameters,
-)
 from hypermerge.errors import (
     AdapterMismatchError,
     BackendUnavailableError,
@@ -48,10 +25,25 @@ from hypermerge.errors import (
     OutputExistsError,
     ParityError,
 )
-from hypermerge.export import ExportResult, OnnxModel, Report, export_model, verify_export
-from hypermerge.fold import FoldResult, fold_checkpoint
-from hypermerge.inspect import inspect_adapter
-from hypermerge.patch import PatchResult, patch_export
+
+# Everything else is imported on first use (PEP 562): the adapters, fold, export and training need
+# torch (and transformers), which a serve-only install does not have, and `import hypermerge` stays
+# quick. name -> the module that defines it.
+_LAZY = {
+    **dict.fromkeys(("METHODS", "AdaLoRAConfig", "AdapterCheckpoint", "AdapterConfig", "AdapterLayer",
+                     "AdapterMethod", "DoRAConfig", "HyperAdaLoRAConfig", "HyperAdaptConfig", "HyperLoRAConfig",
+                     "IA3Config", "LoRAConfig", "adapter_layers", "allocate_ranks", "fold_model", "get_method",
+                     "inject", "load_adapter", "rank_pattern", "read_adapter", "regularization_loss",
+                     "save_adapter", "set_total_steps", "trainable_parameters"), "hypermerge.adapters"),
+    **dict.fromkeys(("ExportResult", "Report", "export_model", "verify_export"), "hypermerge.export"),
+    "OnnxModel": "hypermerge.runtime",
+    **dict.fromkeys(("FoldResult", "fold_checkpoint"), "hypermerge.fold"),
+    "inspect_adapter": "hypermerge.inspect",
+    **dict.fromkeys(("PatchResult", "patch_export"), "hypermerge.patch"),
+    **dict.fromkeys(("Recipe", "TrainResult", "load_recipe", "train"), "hypermerge.training"),
+}
+_SUBMODULES = ("adapters", "cli", "errors", "export", "fold", "inspect", "packaged", "patch", "runtime", "serve",
+               "training")
 
 __all__ = [
     "AdaLoRAConfig",
@@ -103,14 +95,24 @@ __all__ = [
     "__version__",
 ]
 
-_TRAINING_NAMES = ("Recipe", "TrainResult", "load_recipe", "train")
 
 
 def __getattr__(name: str):
-    # Training pulls in the transformers Trainer and accelerate: imported on first use only,
-    # so `import hypermerge` and `hypermerge fold` stay quick.
-    if name in _TRAINING_NAMES:
-        from hypermerge import training
-
-        return getattr(training, name)
+    if name in _LAZY:
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as exc:  # torch in a serve-only install
+            error = missing_dependency(exc, f"hypermerge.{name}")
+            if error is None:
+                raise
+            raise error from None
+        value = getattr(module, name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"hypermerge.{name}")
     raise AttributeError(f"module 'hypermerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from hypermerge._optional import missing_dependency
 from hypermerge._version import __version__
 from hypermerge.errors import HypermergeError
 
@@ -27,10 +28,22 @@ class _UserError(click.ClickException):
         click.echo(f"hypermerge: error: {self.message}", err=True)
 
 
+# commands whose missing torch/transformers is best installed with another extra than [export]
+_COMMAND_EXTRAS = {"train": "train"}
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ModuleNotFoundError as exc:
+                # an optional dependency this command needs (torch in a serve-only install)
+                command = ctx.invoked_subcommand
+                error = missing_dependency(exc, f"hypermerge {command}", _COMMAND_EXTRAS.get(command))
+                if error is None:
+                    raise
+                raise error from exc
         except HypermergeError as error:
             if ctx.meta.get("hypermerge.debug") or os.environ.get("HYPERMERGE_DEBUG") == "1":
                 raise
@@ -65,17 +78,22 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "float16", "bfloat16"])
 @click.option("--tolerance", type=float, default=None,
               help="Largest relative difference --verify accepts [default: 1e-4 float32, 1e-2 float16, 5e-2 bfloat16].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--allow-other-base", is_flag=True,
+              help="Fold even if the base's content differs from the adapter's record of its base (recorded).")
 @quiet_option
 def fold(adapter_dir: Path, base_dir: Path | None, out_dir: Path, dtype: str, max_shard_size: str | None,
-         verify: bool, tolerance: float | None, overwrite: bool, quiet: bool) -> None:
+         verify: bool, tolerance: float | None, overwrite: bool, allow_other_base: bool, quiet: bool) -> None:
     """Fold an adapter (hypermerge or PEFT) into its base: a dense HF model directory, streamed one
     tensor at a time."""
     from hypermerge.fold import fold_checkpoint
 
     result = fold_checkpoint(adapter_dir, out_dir, base=base_dir, dtype=dtype, overwrite=overwrite,
-                             progress=not quiet, max_shard_size=max_shard_size, verify=verify, tolerance=tolerance)
+                             progress=not quiet, max_shard_size=max_shard_size, verify=verify, tolerance=tolerance,
+                             allow_other_base=allow_other_base)
     click.echo(f"folded {result.folded} weights ({result.method}) into {result.out} "
                f"({result.shards} shard{'s' if result.shards != 1 else ''}) in {result.seconds:.1f} s")
+    if result.base_check is not None:
+        click.echo(f"base: {result.base_check.detail}")
     if result.verify is not None:
         report = result.verify
         click.echo(f"verified: max abs difference {report['max_abs']:.3g}, max relative {report['max_rel']:.3g} "
@@ -98,6 +116,7 @@ def inspect(adapter_dir: Path, base_dir: Path | None, as_json: bool) -> None:
     click.echo(f"method               {summary['method']}")
     click.echo(f"config               {json.dumps(summary['config'])}")
     click.echo(f"base model           {summary['base_model']}")
+    click.echo(f"base content         {summary['base_content']}")
     click.echo(f"targets              {summary['targets']} ({', '.join(summary['target_suffixes'])})")
     click.echo(f"trainable parameters {summary['trainable_parameters']:,}")
     if "base_parameters" in summary:
@@ -208,15 +227,18 @@ def export(ctx: click.Context, model_dir: Path, out_dir: Path, profile: str | No
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
+@click.option("--allow-other-base", is_flag=True,
+              help="Patch even if the export's weights differ from the adapter's record of its base (recorded).")
 def patch(export_dir: Path, adapter_dir: Path, out_dir: Path, no_verify: bool, trt: bool, source: Path | None,
-          provider: str, threads: int | None, atol: float, rtol: float, overwrite: bool, quiet: bool) -> None:
+          provider: str, threads: int | None, atol: float, rtol: float, overwrite: bool, quiet: bool,
+          allow_other_base: bool) -> None:
     """Fold an adapter into an exported model: same graph, new initializers, no re-export."""
     from hypermerge.export.parity import Tolerance
     from hypermerge.patch import patch_export
 
     result = patch_export(export_dir, adapter_dir, out_dir, verify=not no_verify, trt=trt, source=source,
                           overwrite=overwrite, tolerance=Tolerance(atol, rtol), provider=provider, threads=threads,
-                          progress=not quiet)
+                          progress=not quiet, allow_other_base=allow_other_base)
     click.echo(f"patched {result.folded} tensors ({result.method}, {result.adapter_format} adapter) into "
                f"{result.out}: {result.initializers} initializers rewritten, graph unchanged, in {result.seconds:.1f} s")
     click.echo(f"base checked {result.base_check}")
@@ -261,7 +283,8 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--provider", default="auto", show_default=True,
               help="onnxruntime provider: auto (TensorRT EP > CUDA EP > CPU), cpu, cuda, tensorrt.")
 @click.option("--max-batch", type=int, default=32, show_default=True,
-              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching).")
+              help="Most texts per model run; concurrent encoder requests are merged up to this (1: no batching). "
+                   "Generation: most sequences generating at once (the others queue).")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
               help="How long a batch may wait for more requests, from its oldest request's arrival.")
 @click.option("--workers", type=int, default=1, show_default=True,
@@ -275,12 +298,25 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="An adapter requests may choose with \"adapter\": NAME (repeatable; exports made with "
                    "--adapter-inputs only). Each is loaded and checked at start-up.")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (repeatable; any of them is accepted). Also "
+                   "HYPERMERGE_API_KEY (comma-separated) and --api-key-file, which keep keys out of `ps`.")
+@click.option("--api-key-file", "api_key_files", multiple=True, type=click.Path(path_type=Path),
+              help="A file of API keys, one per line, '#' comments (repeatable; e.g. a mounted secret).")
+@click.option("--open-metrics", is_flag=True,
+              help="Serve /metrics without a key even when keys are set (a scraper on a private network).")
+@click.option("--max-queue", type=int, default=None,
+              help="Most requests waiting for the model (per worker); more get 429 with Retry-After "
+                   "[default: 8 x --max-batch].")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a request may wait for the model before it is answered 503 [default: no limit].")
 @click.option("--model-file", default="model.onnx", show_default=True,
               help="The model to serve: model.onnx, or model.int8.onnx / model.int4.onnx where the export kept one.")
 @click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
           threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, adapters: tuple[str, ...],
-          model_file: str, quiet: bool) -> None:
+          api_keys: tuple[str, ...], api_key_files: tuple[Path, ...], open_metrics: bool, max_queue: int | None,
+          request_timeout: float | None, model_file: str, quiet: bool) -> None:
     """Serve an exported directory over HTTP: /v1/embeddings, /v1/classify or /v1/completions (by task),
     /health, /metrics."""
     from hypermerge.errors import BackendUnavailableError, ConfigError
@@ -296,14 +332,19 @@ def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int,
 
     try:
         from hypermerge.serve.app import ServeSettings
+        from hypermerge.serve.auth import API_KEY_ENV, collect_api_keys
         from hypermerge.serve.server import serve as run_server
     except ImportError as exc:
         raise BackendUnavailableError(f"serving needs fastapi, uvicorn and prometheus-client ({exc})",
                                       hint="pip install 'hypermerge[serve]'") from None
+    keys = collect_api_keys(api_keys, os.environ.get(API_KEY_ENV), api_key_files)
     settings = ServeSettings(host=host, port=port, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              workers=workers, threads=threads, max_inputs=max_inputs, name=name,
-                             graceful_timeout=graceful_timeout, quiet=quiet, adapters=named, model_file=model_file)
-    run_server(export_dir, settings, announce=lambda line: click.echo(line))
+                             graceful_timeout=graceful_timeout, quiet=quiet, adapters=named, api_keys=keys,
+                             open_metrics=open_metrics, max_queue=max_queue, request_timeout=request_timeout,
+                             model_file=model_file)
+    run_server(export_dir, settings, announce=lambda line: click.echo(line),
+               warn=lambda line: click.echo(line, err=True))
     click.echo("server stopped")
 
 

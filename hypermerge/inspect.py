@@ -29,6 +29,7 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None) -> dict[st
         "target_suffixes": sorted({t.removesuffix(".weight").rsplit(".", 1)[-1] for t in checkpoint.targets}),
         "trainable_parameters": trainable,
     }
+    summary["base_content"] = _base_content(checkpoint)
     if checkpoint.rank_pattern:
         summary["rank_pattern"] = checkpoint.rank_pattern
     base = base or checkpoint.base_model
@@ -42,3 +43,14 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None) -> dict[st
             summary["base_parameters"] = base_params
             summary["trainable_ratio"] = trainable / base_params if base_params else None
     return summary
+
+
+def _base_content(checkpoint) -> str:
+    """What fold and patch can check about the base, in one sentence."""
+    digest = checkpoint.base_digest
+    if digest is not None:
+        return (f"recorded: {digest.model_type or 'unknown model type'}, {len(digest.weights)} weights sampled "
+                f"(sha256 {digest.sha256[:16]}); fold and patch refuse another base")
+    if checkpoint.metadata.get("source") == "peft":
+        return "not recorded (PEFT adapters record no base content): fold and patch cannot check the base"
+    return "not recorded (saved before base digests): fold and patch check names and shapes only"

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from hypermerge.adapters import rank_allocation as ra
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 from hypermerge.errors import AdapterMismatchError, ConfigError
 
 INIT_STD = 0.02  # P and Q start at N(0, 0.02), as in PEFT and the paper's code
@@ -239,6 +239,11 @@ class AdaLoRA(AdapterMethod):
     name = "adalora"
     config_cls = AdaLoRAConfig
     layer_cls = AdaLoRALayer
+    params = (ParamSpec("P", ("out", "r")), ParamSpec("lambda", ("r",)), ParamSpec("Q", ("r", "in")))
+
+    @classmethod
+    def rank_range(cls, config: AdapterConfig) -> tuple[int, int | None]:
+        return 0, config.init_r  # pruning may remove every rank of a matrix, never add one
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

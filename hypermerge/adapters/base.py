@@ -16,8 +16,11 @@ model-level hooks of ``AdapterMethod``; the defaults do nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -75,7 +78,9 @@ class AdapterConfig:
             value = getattr(self, field)
             if isinstance(value, list):
                 object.__setattr__(self, field, tuple(value))
-        problems = self.problems()
+        # Types first: the range checks of ``problems`` compare values, which a string or a list
+        # read from an edited adapter_config.json would turn into a TypeError.
+        problems = self.type_problems() or self.problems()
         if problems:
             raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
@@ -93,6 +98,16 @@ class AdapterConfig:
                 problems.append("target_modules must be None, a regex string or a non-empty list of names")
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
             problems.append("modules_to_save must be a list of module names")
+        return problems
+
+    def type_problems(self) -> list[str]:
+        """Every field whose value is not of its declared type (or is a non-finite float)."""
+        hints = typing.get_type_hints(type(self))
+        problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _matches(value, hints[field.name]):
+                problems.append(f"{field.name} must be {_type_name(hints[field.name])}, got {value!r}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +131,53 @@ class AdapterConfig:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"invalid {cls.method} options: {exc}") from exc
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value read from JSON/YAML fits its field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, (tuple, list)) and all(_matches(v, args[0]) for v in value)
+    return True  # a type this check does not know: the method's own problems() judges it
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One tensor a method saves per adapted weight: its key and its shape in named dimensions.
+
+    Dimensions are ``"out"`` and ``"in"`` (of the weight, in (out, in) layout) and ``"r"`` (a
+    rank the checkpoint decides, the same for every tensor of one weight). Specs sharing a
+    ``group`` are alternatives: exactly one of them is saved (IA³ saves ``l_in`` or ``l_out``).
+    Checkpoints are validated against these declarations before fold or patch writes anything,
+    and a contract test checks every layer's ``adapter_tensors()`` against them.
+    """
+
+    key: str
+    dims: tuple[str, ...]
+    group: str | None = None
 
 
 class AdapterLayer(nn.Module):
@@ -220,6 +282,12 @@ class AdapterMethod:
     name: ClassVar[str]
     config_cls: ClassVar[type[AdapterConfig]]
     layer_cls: ClassVar[type[AdapterLayer]]
+    params: ClassVar[tuple[ParamSpec, ...]] = ()  # what each adapted weight saves (see ParamSpec)
+
+    @classmethod
+    def rank_range(cls, config: AdapterConfig) -> tuple[int, int | None]:
+        """The smallest and largest ``"r"`` a checkpoint of this method may hold (None: no bound)."""
+        return 1, None
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

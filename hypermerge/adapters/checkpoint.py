@@ -15,6 +15,7 @@ Fold needs no model code: it maps the names onto the base checkpoint's tensors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,10 +28,12 @@ from torch import nn
 
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
+from hypermerge.adapters import base_digest as digests
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.model import adapter_state, inject
-from hypermerge.adapters.registry import get_method
+from hypermerge.adapters.registry import METHODS, get_method
 from hypermerge.adapters.targets import match_suffix
+from hypermerge.adapters.validation import FULL_SUFFIX, check_layers
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, HypermergeError
 
 FORMAT = "hypermerge-adapter"
@@ -38,7 +41,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
-FULL_SUFFIX = "::full"
 # Keys of the trained model's config that a fold writes into the folded config.json (a new
 # classification head changes the architecture and label names).
 CONFIG_OVERRIDE_KEYS = ("architectures", "id2label", "label2id", "problem_type")
@@ -57,6 +59,19 @@ class AdapterCheckpoint:
     fan_in_fan_out: set[str]
     metadata: dict[str, Any]
     _tensors: dict[str, torch.Tensor] | None = None
+    base_digest: digests.BaseDigest | None = None  # None: PEFT, or saved before digests existed
+
+    def content_sha256(self) -> str:
+        """sha256 of the adapter's files (config and weights): what a certificate records."""
+        digest = hashlib.sha256()
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            file = self.path / name
+            if file.is_file():
+                digest.update(name.encode())
+                with open(file, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
 
     @property
     def weights_path(self) -> Path:
@@ -127,6 +142,11 @@ def _config_overrides(model: nn.Module, base_model: str | Path | None) -> dict[s
             if k in model_config and model_config[k] != base_config.get(k)}
 
 
+def _model_type(model: nn.Module) -> str | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_model: str | Path | None = None, *,
                  overwrite: bool = True) -> Path:
     """Write the adapter of ``model`` as a checkpoint directory (atomically).
@@ -145,9 +165,12 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | Path | No
     method = state.method
     tensors: dict[str, torch.Tensor] = {}
     fingerprint = {}
+    samples = {}
     fan_in_fan_out = []
     for weight_name, layer in state.layers.items():
         fingerprint[weight_name] = _fingerprint(layer.base_layer.weight)
+        if layer.base_layer.weight.device.type != "meta":
+            samples[weight_name] = digests.encode(digests.sample_of(layer.base_layer.weight))
         if layer.fan_in_fan_out:
             fan_in_fan_out.append(weight_name)
         for key, value in layer.adapter_tensors().items():
@@ -170,6 +193,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | Path | No
         "method": method.name,
         "base_model": str(Path(base_model).absolute()) if base_model is not None else None,
         "base_fingerprint": fingerprint,
+        "base_digest": digests.BaseDigest(_model_type(model), samples).to_dict() if samples else None,
         "targets": list(state.layers),
         "fan_in_fan_out": fan_in_fan_out,
         "config": state.config.to_dict(),
@@ -210,37 +234,108 @@ def read_adapter(path: str | Path) -> AdapterCheckpoint:
     if "peft_type" in raw:
         from hypermerge.adapters.peft_import import read_peft_adapter
 
-        return read_peft_adapter(path, raw)
+        checkpoint = read_peft_adapter(path, raw)
+        check_layers(checkpoint)
+        return checkpoint
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{CONFIG_FILE} is not a hypermerge adapter config (format {raw.get('format')!r})",
                               path=config_path, hint="pass a directory written by hm.save_adapter")
-    if raw.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"adapter format version {raw['format_version']} is newer than this hypermerge "
+    version = raw.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{CONFIG_FILE} has an invalid format_version {version!r}", path=config_path,
+                              hint="re-save the adapter with hm.save_adapter")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"adapter format version {version} is newer than this hypermerge "
                               f"reads ({FORMAT_VERSION})", path=config_path, hint="upgrade hypermerge")
     _refuse_pickle(path)
+    method_name, config_values = raw.get("method", "<missing>"), raw.get("config") or {}
+    if not isinstance(method_name, str) or method_name not in METHODS:
+        raise ConfigError(f"unknown adapter method {method_name!r}", path=config_path,
+                          hint=f"known methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(config_values, dict):
+        raise ConfigError(f"the adapter's config must be a JSON object, got {config_values!r}", path=config_path)
     try:
-        method = get_method(raw.get("method", "<missing>"))
-        config = method.config_cls.from_dict(raw.get("config") or {})
+        method = get_method(method_name)
+        config = method.config_cls.from_dict(config_values)
     except ConfigError as exc:
         raise ConfigError(exc.what, path=config_path, hint=exc.hint) from None
-    try:
-        fingerprint = {k: (tuple(v[0]), str(v[1])) for k, v in raw["base_fingerprint"].items()}
-        targets = list(raw["targets"])
-    except (KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CheckpointError(f"{CONFIG_FILE} lacks a valid {exc} entry", path=config_path,
-                              hint="re-save the adapter with hm.save_adapter") from None
+    layout = _parse_layout(raw, config_path)
     known = {"format", "format_version", "hypermerge_version", "method", "base_model", "base_fingerprint",
-             "targets", "fan_in_fan_out", "config"}
-    return AdapterCheckpoint(
+             "targets", "fan_in_fan_out", "config", "base_digest"}
+    checkpoint = AdapterCheckpoint(
         path=path,
         method=method,
         config=config,
-        base_model=raw.get("base_model"),
-        base_fingerprint=fingerprint,
-        targets=targets,
-        fan_in_fan_out=set(raw.get("fan_in_fan_out") or []),
+        base_model=layout.base_model,
+        base_fingerprint=layout.fingerprint,
+        targets=layout.targets,
+        fan_in_fan_out=layout.fan_in_fan_out,
         metadata={k: v for k, v in raw.items() if k not in known},
+        base_digest=layout.digest,
     )
+    check_layers(checkpoint)  # every tensor the fold will read, before anyone reads it
+    return checkpoint
+
+
+@dataclasses.dataclass
+class _Layout:
+    """The checked structural fields of a hypermerge adapter_config.json."""
+
+    targets: list[str]
+    fingerprint: dict[str, tuple[tuple[int, ...], str]]
+    fan_in_fan_out: set[str]
+    base_model: str | None
+    digest: digests.BaseDigest | None
+
+
+def _parse_layout(raw: dict[str, Any], config_path: Path) -> _Layout:
+    """targets, base_fingerprint, fan_in_fan_out, base_model and base_digest, each checked for type.
+
+    Raises:
+        CheckpointError: naming the first malformed field.
+    """
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{CONFIG_FILE}: {what}", path=config_path, hint="re-save the adapter with hm.save_adapter")
+
+    targets = raw.get("targets")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise bad(f"targets must be a non-empty list of weight names, got {_short(targets)}")
+    if len(set(targets)) != len(targets):
+        raise bad("targets lists a weight twice")
+    fingerprint: dict[str, tuple[tuple[int, ...], str]] = {}
+    recorded = raw.get("base_fingerprint")
+    if not isinstance(recorded, dict):
+        raise bad(f"base_fingerprint must map weight names to [shape, dtype], got {_short(recorded)}")
+    for name, value in recorded.items():
+        if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], list) or len(value[0]) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value[0])
+                or not isinstance(value[1], str)):
+            raise bad(f"base_fingerprint of {name} must be [[rows, columns], dtype], got {_short(value)}")
+        fingerprint[name] = (tuple(value[0]), value[1])
+    if set(fingerprint) != set(targets):
+        odd = sorted(set(fingerprint) ^ set(targets))[0]
+        raise bad(f"base_fingerprint and targets disagree (first: {odd})")
+    fan = raw.get("fan_in_fan_out") or []
+    if not isinstance(fan, list) or not all(isinstance(t, str) and t in fingerprint for t in fan):
+        raise bad(f"fan_in_fan_out must list targets, got {_short(fan)}")
+    base_model = raw.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise bad(f"base_model must be a path, got {_short(base_model)}")
+    digest = None
+    if raw.get("base_digest") is not None:
+        try:
+            digest = digests.BaseDigest.from_dict(raw["base_digest"])
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        unknown = sorted(set(digest.weights) - set(targets))
+        if unknown:
+            raise bad(f"base_digest names {unknown[0]}, which is not a target")
+    return _Layout(list(targets), fingerprint, set(fan), base_model, digest)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -297,6 +392,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     weight_names = [n for n in params if n.endswith(".weight")]
     resolved = _resolve(checkpoint.targets, weight_names, what="targeted weights", path=checkpoint.path)
     check_fingerprint(checkpoint, {n: tuple(p.shape) for n, p in params.items()}, resolved, where="the model")
+    check_layers(checkpoint, {t: tuple(params[resolved[t]].shape) for t in checkpoint.targets}, where="the model")
     saved = {resolved[t]: checkpoint.layer_params(t) for t in checkpoint.targets}
     module_names = [resolved[t].removesuffix(".weight") for t in checkpoint.targets]
     inject(model, checkpoint.config, module_names=module_names, saved=saved)

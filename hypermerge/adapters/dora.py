@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterMethod, ParamSpec
 from hypermerge.adapters.lora import LoRAConfig, LoRALayer
 
 
@@ -69,6 +69,8 @@ class DoRA(AdapterMethod):
     name = "dora"
     config_cls = DoRAConfig
     layer_cls = DoRALayer
+    params = (ParamSpec("lora_A", ("r", "in")), ParamSpec("lora_B", ("out", "r")),
+              ParamSpec("magnitude", ("out",)))
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

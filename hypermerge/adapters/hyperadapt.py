@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ class HyperAdapt(AdapterMethod):
     name = "hyperadapt"
     config_cls = HyperAdaptConfig
     layer_cls = HyperAdaptLayer
+    params = (ParamSpec("a", ("out",)), ParamSpec("b", ("in",)))
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

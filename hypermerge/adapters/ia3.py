@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +105,7 @@ class IA3(AdapterMethod):
     name = "ia3"
     config_cls = IA3Config
     layer_cls = IA3Layer
+    params = (ParamSpec("l_in", ("in",), group="scale"), ParamSpec("l_out", ("out",), group="scale"))
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,7 @@ class LoRA(AdapterMethod):
     name = "lora"
     config_cls = LoRAConfig
     layer_cls = LoRALayer
+    params = (ParamSpec("lora_A", ("r", "in")), ParamSpec("lora_B", ("out", "r")))
 
     @staticmethod
     def fold(weight: torch.Tensor, params: Mapping[str, torch.Tensor], config: AdapterConfig) -> torch.Tensor:

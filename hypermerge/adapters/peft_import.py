@@ -103,6 +103,7 @@ def read_peft_adapter(path: Path, raw: dict[str, Any]) -> AdapterCheckpoint:
     if peft_type not in SUPPORTED:
         raise CheckpointError(f"PEFT {peft_type} adapters cannot be folded by hypermerge (LoRA, DoRA, AdaLoRA "
                               "and IA3 can)", path=config_path, hint="merge it with PEFT's merge_and_unload()")
+    _check_types(raw, config_path)
     _refuse_options(raw, config_path)
     _refuse_pickle(path)
     weights_path = path / WEIGHTS_FILE
@@ -137,6 +138,40 @@ def read_peft_adapter(path: Path, raw: dict[str, Any]) -> AdapterCheckpoint:
         _tensors=tensors,
         peft_parameters=sum(t.numel() for t in saved.values()),
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# The fields of a PEFT config this reader uses, and what each must hold (None is always allowed).
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "init_r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "target_modules": ("a list of names or a regex", lambda v: isinstance(v, str) or _is_names(v)),
+    "feedforward_modules": ("a list of names or a regex", lambda v: isinstance(v, str) or _is_names(v)),
+    "modules_to_save": ("a list of names", _is_names),
+    "rank_pattern": ("an object", lambda v: isinstance(v, dict)),
+    "alpha_pattern": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def _check_types(raw: Mapping[str, Any], config_path: Path) -> None:
+    """Refuse values of the wrong type before any arithmetic meets them (an edited config)."""
+    for key, (what, fits) in _FIELD_TYPES.items():
+        value = raw.get(key)
+        if value is not None and not fits(value):
+            raise ConfigError(f"the PEFT config's {key} must be {what}, got {value!r}", path=config_path,
+                              hint="fix adapter_config.json, or re-save the adapter with PEFT")
 
 
 def _refuse_options(raw: Mapping[str, Any], config_path: Path) -> None:

@@ -7,8 +7,8 @@
 """
 
 from hypermerge.export.api import ExportResult, Report, export_model, verify_export
-from hypermerge.export.runtime import OnnxModel
 from hypermerge.export.tasks import TASKS, IOContract, detect_task
+from hypermerge.runtime.model import OnnxModel
 
 __all__ = ["TASKS", "ExportResult", "IOContract", "OnnxModel", "Report", "detect_task", "export_model",
            "verify_export"]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from hypermerge._fs import atomic_output_dir, require_dir
 from hypermerge._version import __version__
 from hypermerge.errors import ConfigError, ExportError, HypermergeError, ParityError
+from hypermerge.export import certificate as cert
 from hypermerge.export import optimize as opt
 from hypermerge.export import quantize as wq
 from hypermerge.export import tensorrt as trt_mod
@@ -285,6 +286,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                 report["quantized"] = _decide_int8(tmp, report["latency"], accuracy, task)
             stage("weights map")
             report["weights_map"] = record_weights_map(tmp, model_dir, report["source"]["weights_sha256"])
+            certify_export(model_dir, tmp, report, task=task, provider=provider, threads=threads,
+                           new_tokens=new_tokens, verify=verify)
             report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
             report["seconds"] = round(time.perf_counter() - start, 1)
             write_report(tmp, report)
@@ -456,6 +459,24 @@ def _tensorrt(out_dir: Path, contract, shape_range, precision: str, model, wrapp
     return section, runner
 
 
+def certify_export(model_dir: Path, out_dir: Path, report: dict, *, task: str, provider: str, threads: int,
+                   new_tokens: int, verify: bool) -> None:
+    """Add the adapter-to-engine certificate when the source came from ``hypermerge fold``.
+
+    Raises:
+        ParityError: the engine does not compute what base + adapter (unfolded) compute.
+    """
+    certificate = cert.fold_certificate(model_dir, report["source"]["weights_sha256"])
+    if certificate is None:
+        return
+    e2e = (cert.end_to_end(out_dir, certificate, task=task, provider=provider, threads=threads, new_tokens=new_tokens)
+           if verify else {"passed": None, "why": "not run (--no-verify)"})
+    report["certificate"] = cert.finish(certificate, out_dir, report["parity"], e2e)
+    if e2e.get("passed") is False:
+        raise ParityError(f"the engine does not compute what the adapter model computes: {failure_summary(e2e)}",
+                          path=model_dir, hint="fold with --verify to locate the difference; see the parity report")
+
+
 def open_export(export_dir: str | Path) -> tuple[Path, dict]:
     """An exported directory (absolute) and its report (empty where it has none).
 
@@ -491,6 +512,7 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
     """
     start = time.perf_counter()
     export_dir, report = open_export(export_dir)
+    certificate = cert.verify_links(export_dir, report)  # names the first broken link, before any work
     recorded_source = (report.get("source") or {}).get("path")
     if source is None and not recorded_source:
         raise ExportError("the source model (the PyTorch reference) is not recorded: no report.json",
@@ -565,6 +587,14 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                          reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
             if accuracy[metric] < bound:
                 failures.append(f"{quant_label}: {metric} {accuracy[metric]:.4f} below the bound {bound}")
+        if certificate is not None:
+            e2e = cert.end_to_end(export_dir, certificate, task=contract.task, provider=provider, threads=threads,
+                                  new_tokens=new_tokens, adapters_before=certificate.get("adapters_before"),
+                                  weights_map=read_weights_map(export_dir) if certificate.get("adapters_before")
+                                  else None)
+            report["certificate"] = cert.finish(certificate, export_dir, report["parity"], e2e)
+            if e2e.get("passed") is False:
+                failures.append(f"end to end (base + adapter vs the engine): {failure_summary(e2e)}")
         report["seconds"] = round(time.perf_counter() - start, 1)
         write_report(export_dir, report)
     finally:

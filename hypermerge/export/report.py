@@ -135,6 +135,9 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
                   f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
     lines += _patch_lines(report)
+    from hypermerge.export.certificate import markdown as certificate_markdown
+
+    lines += certificate_markdown(report.get("certificate"))
     return "\n".join(lines) + "\n"
 
 

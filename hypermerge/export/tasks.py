@@ -1,58 +1,30 @@
-"""Export tasks: which one a model is (from ``config.architectures``) and the ONNX I/O contract
-each one has. The names are a contract other tools rely on (they match Optimum's for encoders;
-causal LMs use flat ``past_key_{i}`` / ``past_value_{i}`` inputs and ``present_*`` outputs)."""
+"""Export tasks: which one a model is (from ``config.architectures``). The contracts themselves
+(names, :class:`IOContract`) are the runtime's, :mod:`hypermerge.runtime.contract`: re-exported here."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from hypermerge.errors import ConfigError, ExportError
+from hypermerge.runtime.contract import (
+    BATCH,
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    PAST,
+    SEQUENCE,
+    SEQUENCE_CLASSIFICATION,
+    TASKS,
+    TOTAL,
+    IOContract,
+    contract_from_onnx,
+    past_names,
+    present_names,
+)
 
-FEATURE_EXTRACTION = "feature-extraction"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-CAUSAL_LM = "causal-lm"
-TASKS = (FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION, CAUSAL_LM)
-
-# Names of the dynamic axes in the ONNX graph (Optimum's spelling, so tools that key on them work).
-BATCH = "batch_size"
-SEQUENCE = "sequence_length"
-PAST = "past_sequence_length"
-TOTAL = "total_sequence_length"
-
-
-@dataclasses.dataclass(frozen=True)
-class IOContract:
-    """The ONNX graph's inputs and outputs for one task.
-
-    ``kv_heads``, ``head_dim`` and ``num_layers`` are set for causal LMs only: the past tensors are
-    (batch, kv_heads, past_len, head_dim) per layer.
-    """
-
-    task: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    num_layers: int = 0
-    kv_heads: int = 0
-    head_dim: int = 0
-
-    @property
-    def past_names(self) -> tuple[str, ...]:
-        return tuple(name for name in self.inputs if name.startswith("past_"))
-
-    @property
-    def present_names(self) -> tuple[str, ...]:
-        return tuple(name for name in self.outputs if name.startswith("present_"))
-
-
-def past_names(num_layers: int) -> list[str]:
-    """``past_key_0, past_value_0, past_key_1, ...`` (the order the graph takes them in)."""
-    return [f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+__all__ = ["BATCH", "CAUSAL_LM", "FEATURE_EXTRACTION", "PAST", "SEQUENCE", "SEQUENCE_CLASSIFICATION", "TASKS", "TOTAL",
+           "IOContract", "check_task", "contract_from_onnx", "detect_task", "past_names", "present_names",
+           "read_config"]
 
 
 def read_config(model_dir: Path) -> dict:
@@ -105,23 +77,3 @@ def check_task(task: str) -> str:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}", hint=f"use one of: auto, {', '.join(TASKS)}")
     return task
-
-
-def contract_from_onnx(input_names: list[str], output_names: list[str], past_shape: list | None = None) -> IOContract:
-    """Recover the contract from an ONNX graph's names (so any exported dir can be read without its report).
-
-    Raises:
-        ExportError: the names match no task's contract.
-    """
-    inputs, outputs = tuple(input_names), tuple(output_names)
-    if "logits" in outputs and any(name.startswith("present_key_") for name in outputs):
-        layers = sum(1 for name in inputs if name.startswith("past_key_"))
-        kv_heads = past_shape[1] if past_shape and isinstance(past_shape[1], int) else 0
-        head_dim = past_shape[3] if past_shape and isinstance(past_shape[3], int) else 0
-        return IOContract(CAUSAL_LM, inputs, outputs, layers, kv_heads, head_dim)
-    if outputs and outputs[0] == "last_hidden_state":
-        return IOContract(FEATURE_EXTRACTION, inputs, outputs)
-    if outputs and outputs[0] == "logits":
-        return IOContract(SEQUENCE_CLASSIFICATION, inputs, outputs)
-    raise ExportError(f"the ONNX graph's outputs {list(outputs)} match no hypermerge task",
-                      hint="export it with hypermerge export")

@@ -1,4 +1,6 @@
-"""``weights_map.json``: which ONNX initializer holds each weight of the source model, and how.
+"""Building ``weights_map.json`` at export: which ONNX initializer holds each weight of the source
+model, and how. The map's data model and JSON are :mod:`hypermerge.runtime.weights_map` (re-exported
+here); this module reads the ONNX graph and the source checkpoint to fill it.
 
 Recorded at export so that ``hypermerge patch`` can fold an adapter into an exported model without
 re-exporting it. After ``torch.onnx.export(dynamo=True)`` an initializer keeps its parameter's name
@@ -25,158 +27,37 @@ each node comes from, and flagged ``constant``. What cannot be located is listed
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import hashlib
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
-from hypermerge.errors import CheckpointError, ExportError
+from hypermerge.errors import CheckpointError, ExportError, HypermergeError
+from hypermerge.fold.hfdir import open_base
+from hypermerge.runtime.model import MODEL_FILE
 
-WEIGHTS_MAP_FILE = "weights_map.json"
-FORMAT = "hypermerge-weights-map"
-FORMAT_VERSION = 1
-IDENTITY, TRANSPOSE = "identity", "transpose"
+# the data model and its JSON are the runtime's (numpy only); re-exported for the exporter and patch
+from hypermerge.runtime.weights_map import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    IDENTITY,
+    TRANSPOSE,
+    WEIGHTS_MAP_FILE,
+    Location,
+    WeightsMap,
+    check_adapter_base,
+    digest_of,
+    read_weights_map,
+    write_weights_map,
+)
+
 # the relative agreement a scaled copy must show (float32 rounding of one multiply per element)
 _SCALE_RTOL = 2e-6
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """Where (part of) an initializer holds ``scale · transform(weight)``."""
-
-    weight: str
-    initializer: str
-    transform: str = IDENTITY
-    slice: tuple[tuple[int, int], ...] | None = None
-    scale: float | None = None
-    constant: bool = False  # located by consumer scope, not by content alone
-
-    def as_dict(self) -> dict:
-        out = {"weight": self.weight, "initializer": self.initializer, "transform": self.transform,
-               "slice": [list(s) for s in self.slice] if self.slice else None, "scale": self.scale}
-        if self.constant:
-            out["constant"] = True
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Location:
-        slc = data.get("slice")
-        return cls(data["weight"], data["initializer"], data.get("transform", IDENTITY),
-                   tuple(tuple(int(v) for v in s) for s in slc) if slc else None, data.get("scale"),
-                   bool(data.get("constant", False)))
-
-    def window(self, array: np.ndarray) -> np.ndarray:
-        """The part of the initializer's array this location covers (a view)."""
-        if not self.slice:
-            return array
-        return array[tuple(slice(start, stop) for start, stop in self.slice)]
-
-    def encode(self, stored: np.ndarray) -> np.ndarray:
-        """The initializer's values for a weight given in its stored layout."""
-        value = stored.T if self.transform == TRANSPOSE else stored
-        if self.scale is not None:
-            value = value * np.float32(self.scale)
-        return value
-
-    def decode(self, held: np.ndarray) -> np.ndarray:
-        """The weight in its stored layout from the initializer's values (exact unless scaled)."""
-        value = held / np.float32(self.scale) if self.scale is not None else held
-        return value.T if self.transform == TRANSPOSE else value
-
-
-@dataclasses.dataclass
-class WeightsMap:
-    """The parsed ``weights_map.json``."""
-
-    model_file: str
-    source: dict
-    fingerprint: dict[str, tuple[tuple[int, ...], str]]  # tensor -> (shape, safetensors dtype)
-    sha256: dict[str, str]  # tensor -> sha256 of its values as float32 (to recognise the base)
-    locations: dict[str, list[Location]]  # tensor -> where it is
-    unmapped: dict[str, str]  # tensor -> why it could not be located
-    # tensors whose values are all equal -> that value: patch can fold them (IA³ scales a zero
-    # bias to zero) even where they cannot be located, and then has nothing to write
-    constants: dict[str, float] = dataclasses.field(default_factory=dict)
-    patches: list[dict] = dataclasses.field(default_factory=list)  # adapters already folded in
-
-    def holders(self) -> dict[str, list[str]]:
-        """initializer -> the tensors it holds (more than one where the exporter merged constants)."""
-        out: dict[str, list[str]] = {}
-        for name, locations in self.locations.items():
-            for location in locations:
-                out.setdefault(location.initializer, [])
-                if name not in out[location.initializer]:
-                    out[location.initializer].append(name)
-        return out
-
-    def to_dict(self) -> dict:
-        entries = [loc.as_dict() for locs in self.locations.values() for loc in locs]
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_file": self.model_file,
-                "source": self.source, "patches": self.patches,
-                "fingerprint": {k: [list(s), d] for k, (s, d) in self.fingerprint.items()},
-                "sha256": self.sha256, "constants": self.constants, "entries": entries,
-                "unmapped": [{"weight": k, "reason": v} for k, v in self.unmapped.items()]}
-
-    def summary(self) -> dict:
-        """The report's ``weights_map`` section: counts, transforms, and every unmapped tensor."""
-        transforms: dict[str, int] = {}
-        for locations in self.locations.values():
-            for loc in locations:
-                key = loc.transform + (" (slice)" if loc.slice else "") + (" (scaled)" if loc.scale else "")
-                transforms[key] = transforms.get(key, 0) + 1
-        shared = {k: v for k, v in self.holders().items() if len(v) > 1}
-        return {"file": WEIGHTS_MAP_FILE, "tensors": len(self.fingerprint), "mapped": len(self.locations),
-                "locations": sum(len(v) for v in self.locations.values()), "transforms": transforms,
-                "shared_initializers": len(shared),
-                "constant_tensors": sorted(k for k, v in self.locations.items() if any(x.constant for x in v)),
-                "unmapped": [{"weight": k, "reason": v} for k, v in self.unmapped.items()]}
-
-
-def write_weights_map(directory: Path, weights_map: WeightsMap) -> Path:
-    """Write ``weights_map.json`` into ``directory`` (replaced atomically)."""
-    path = Path(directory) / WEIGHTS_MAP_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(weights_map.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_weights_map(directory: Path) -> WeightsMap | None:
-    """The map of an exported directory, or None when it has none (exported before maps existed).
-
-    Raises:
-        CheckpointError: the file exists but is damaged or of a newer format.
-    """
-    path = Path(directory) / WEIGHTS_MAP_FILE
-    if not path.exists():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}")
-        if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{WEIGHTS_MAP_FILE} has format version {raw['format_version']}, newer than "
-                                  f"this hypermerge reads ({FORMAT_VERSION})", path=path, hint="upgrade hypermerge")
-        locations: dict[str, list[Location]] = {}
-        for entry in raw["entries"]:
-            location = Location.from_dict(entry)
-            locations.setdefault(location.weight, []).append(location)
-        return WeightsMap(
-            model_file=raw["model_file"], source=dict(raw.get("source") or {}),
-            fingerprint={k: (tuple(v[0]), str(v[1])) for k, v in raw["fingerprint"].items()},
-            sha256=dict(raw.get("sha256") or {}), locations=locations,
-            unmapped={e["weight"]: e["reason"] for e in raw.get("unmapped", [])},
-            constants={k: float(v) for k, v in (raw.get("constants") or {}).items()},
-            patches=list(raw.get("patches") or []))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CheckpointError(f"{WEIGHTS_MAP_FILE} is damaged ({exc})", path=path,
-                              hint="re-export the model with hypermerge export") from exc
 
 
 # -- initializers -------------------------------------------------------------------------------
@@ -293,11 +174,6 @@ def _digest(array: np.ndarray) -> str:
 def _source_tensors(source_dir: Path) -> Iterator[tuple[str, str, tuple[int, ...], np.ndarray | None]]:
     """(name, safetensors dtype, shape, float32 values or None for integer tensors) for every tensor
     of the source checkpoint, one at a time."""
-    import torch
-    from safetensors import safe_open
-
-    from hypermerge.fold.hfdir import open_base
-
     base = open_base(source_dir)
     for shard in base.shards:
         with safe_open(str(shard), framework="pt") as handle:
@@ -453,78 +329,12 @@ def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | 
     A map that cannot be built does not fail the export (the model is as good as without it);
     the section then says why, and ``hypermerge patch`` builds it again or refuses.
     """
-    from hypermerge.errors import HypermergeError
-    from hypermerge.export.runtime import MODEL_FILE
-
     try:
         weights_map = build_weights_map(Path(export_dir) / MODEL_FILE, source_dir, source_sha256=source_sha256)
     except HypermergeError as error:
         return {"file": None, "error": error.one_line()}
     write_weights_map(export_dir, weights_map)
     return weights_map.summary()
-
-
-def digest_of(values: np.ndarray) -> str:
-    """The content digest the map records: sha256 of the values as float32."""
-    return _digest(np.asarray(values, dtype=np.float32))
-
-
-def check_adapter_base(checkpoint, weights_map: WeightsMap, names: list[str]) -> str:
-    """Refuse an adapter trained on another base than the export's, by content where it can.
-
-    An adapter records its base model's path and the shapes of the weights it targets. Shapes
-    tell architectures apart, not two checkpoints of one architecture; so where the recorded base
-    is a local directory, the weights the adapter changes are read from it and compared with the
-    digests the map recorded at export (a few hundred MB for SmolLM2: well under a second).
-
-    Args:
-        checkpoint: the adapter (an ``AdapterCheckpoint``).
-        weights_map: the export's map.
-        names: the map's names of the tensors the adapter changes.
-
-    Returns:
-        How the base was checked, one sentence for the report.
-
-    Raises:
-        AdapterMismatchError: the adapter's base holds other values than the export's.
-    """
-    import torch
-    from safetensors import safe_open
-
-    from hypermerge.adapters.targets import match_suffix
-    from hypermerge.errors import AdapterMismatchError
-    from hypermerge.fold.hfdir import open_base
-
-    base = checkpoint.base_model
-    if not base or not Path(base).is_dir():
-        return f"by names and shapes only (the adapter's base model {base!r} is not a local directory)"
-    try:
-        base_checkpoint = open_base(base)
-    except CheckpointError:
-        return f"by names and shapes only (the adapter's base model {base} has no readable safetensors weights)"
-    available = list(base_checkpoint.shapes)
-    checked = 0
-    handles: dict[Path, object] = {}
-    with contextlib.ExitStack() as stack:
-        for name in names:
-            recorded = weights_map.sha256.get(name)
-            match = match_suffix(name, available)
-            if recorded is None or match is None:
-                continue
-            shard = base_checkpoint.shard_of[match]
-            if shard not in handles:
-                handles[shard] = stack.enter_context(safe_open(str(shard), framework="pt"))
-            tensor = handles[shard].get_tensor(match)
-            if not tensor.is_floating_point() or digest_of(tensor.to(torch.float32).numpy()) != recorded:
-                already = weights_map.patches[-1]["adapter"] if weights_map.patches else None
-                raise AdapterMismatchError(
-                    f"the adapter's base model ({base}) differs from the model this export holds"
-                    + (f" (it already has the adapter {already} folded in)" if already else
-                       f" ({weights_map.source.get('path')})") + f": {name} has other values",
-                    path=checkpoint.path,
-                    hint="use an export of the adapter's own base model" + (", not a patched one" if already else ""))
-            checked += 1
-    return f"by content: the {checked} weights it changes equal those of its base model {base}"
 
 
 def weights_map_markdown(summary: dict) -> list[str]:

@@ -35,7 +35,9 @@ from hypermerge._version import __version__
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, check_fingerprint, read_adapter
 from hypermerge.adapters.targets import match_suffix
+from hypermerge.adapters.validation import check_layers
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError
+from hypermerge.fold.base_check import BaseCheck, check_base, checkpoint_sampler
 from hypermerge.fold.hfdir import (
     DTYPES,
     INDEX_FILE,
@@ -78,6 +80,7 @@ class FoldResult:
     shards: int = 1
     bytes_written: int = 0  # tensor bytes, headers excluded
     verify: dict[str, Any] | None = None  # the --verify report, when asked for
+    base_check: BaseCheck | None = None  # how the base given was compared with the adapter's record
 
 
 @dataclasses.dataclass
@@ -113,6 +116,7 @@ def plan_fold(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> FoldPlan:
             path=base.path, hint="fold onto the base model the adapter was trained on (--base)",
         )
     check_fingerprint(adapter, base.shapes, {t: b for b, t in folds.items()}, where="the base checkpoint")
+    check_layers(adapter, {t: base.shapes[b] for b, t in folds.items()}, where="the base checkpoint")
     check_finite(adapter)
     for weight_name in folds:
         if base.dtypes[weight_name] not in CASTABLE:
@@ -372,7 +376,7 @@ def _layout(by_shard: dict[Path, list[OutputTensor]], additions: list[OutputTens
 def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | None = None, dtype: str = "auto",
                     overwrite: bool = False, progress: bool = True, max_shard_size: str | int | None = None,
                     verify: bool = False, tolerance: float | None = None,
-                    on_tensor: Callable[[str], None] | None = None) -> FoldResult:
+                    on_tensor: Callable[[str], None] | None = None, allow_other_base: bool = False) -> FoldResult:
     """Fold an adapter checkpoint (hypermerge or PEFT) into its base and write a HF model directory.
 
     Streams one tensor at a time; memory stays near the largest folded tensor in float32 plus
@@ -391,13 +395,15 @@ def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | 
             refuse (ParityError, no output left) if they differ by more than ``tolerance``.
         tolerance: the largest relative difference ``verify`` accepts (default by dtype).
         on_tensor: called with each tensor name once it is written.
+        allow_other_base: fold even if the base's content differs from the adapter's record of
+            its base (the difference is recorded in the provenance).
 
     Returns:
         A FoldResult describing what was written.
 
     Raises:
         CheckpointError: missing, truncated, pickle or non-safetensors files; NaN/Inf.
-        AdapterMismatchError: the adapter was made for another base (names or shapes).
+        AdapterMismatchError: the adapter was made for another base (names, shapes or content).
         ConfigError: bad options, unknown method, no base given or recorded.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         ParityError: ``verify`` found a difference above the tolerance.
@@ -419,6 +425,8 @@ def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | 
         base = checkpoint.base_model
     base_checkpoint = open_base(base)
     plan = plan_fold(checkpoint, base_checkpoint)
+    base_check = check_base(checkpoint, base_checkpoint.path, checkpoint_sampler(base_checkpoint),
+                            {t: b for b, t in plan.folds.items()}, allow_other_base=allow_other_base)
     by_shard, additions = _output_tensors(checkpoint, base_checkpoint, plan, out_dtype)
     shards = _layout(by_shard, additions, shard_limit)
     total_bytes = sum(t.nbytes for shard in shards for t in shard.tensors)
@@ -447,7 +455,8 @@ def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | 
             config_updates["dtype"] = dtype
         update_config(tmp, config_updates)
         result = FoldResult(Path(out), checkpoint.method.name, len(plan.folds),
-                            len(plan.replacements) + len(plan.additions), dtype, 0.0, len(shards), total_bytes)
+                            len(plan.replacements) + len(plan.additions), dtype, 0.0, len(shards), total_bytes,
+                            base_check=base_check)
         if verify:
             from hypermerge.fold.verify import verify_fold
 
@@ -458,6 +467,8 @@ def fold_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | 
             "hypermerge_version": __version__,
             "adapter": str(Path(adapter).absolute()),
             "adapter_format": checkpoint.metadata.get("source", "hypermerge"),
+            "adapter_sha256": checkpoint.content_sha256(),
+            "base_check": base_check.to_dict(),
             "base_model": str(Path(base).absolute()),
             "method": checkpoint.method.name,
             "folded_weights": result.folded,

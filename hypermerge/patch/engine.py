@@ -54,6 +54,7 @@ from hypermerge.export.weights_map import (
     read_weights_map,
     write_weights_map,
 )
+from hypermerge.fold.base_check import NOT_CHECKED, BaseCheck, check_base
 from hypermerge.fold.engine import FOLD_THREADS, all_finite, fold_tensor, plan_fold
 from hypermerge.fold.hfdir import BaseCheckpoint, update_config
 from hypermerge.fold.safetensors_io import TORCH_DTYPES
@@ -326,6 +327,60 @@ def source_adapters(report: dict) -> list[str]:
     return list((report.get("source") or {}).get("adapters") or [])
 
 
+def check_export_base(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, reader: _Reader, export_dir: Path,
+                      allow_other_base: bool) -> BaseCheck:
+    """Compare the export's weights (read from its initializers) with the adapter's record of its base.
+
+    Raises:
+        AdapterMismatchError: they differ and ``allow_other_base`` is false.
+    """
+    from hypermerge.adapters.base_digest import sample_of
+    from hypermerge.adapters.targets import match_suffix
+
+    available = list(weights_map.fingerprint)
+    names = {t: m for t in checkpoint.targets if (m := match_suffix(t, available)) is not None}
+
+    def read_sample(name: str):
+        values = reader.tensor(name)
+        return None if values is None else sample_of(values)
+
+    try:
+        return check_base(checkpoint, export_dir, read_sample, names, allow_other_base=allow_other_base, what="patch")
+    except AdapterMismatchError as exc:
+        if not weights_map.patches:
+            raise
+        already = weights_map.patches[-1]["adapter"]
+        raise AdapterMismatchError(f"{exc.what}; the export already has the adapter {already} folded in",
+                                   path=exc.path, hint="use an export of the adapter's own base model, not a "
+                                                       "patched one") from None
+
+
+def _certify(checkpoint: AdapterCheckpoint, content_check: BaseCheck, source_path: Path, report: dict,
+             adapters: list[str], out_dir: Path, weights_map: WeightsMap, verify: bool, provider: str,
+             threads: int | None, new_tokens: int) -> dict:
+    """The patched export's certificate: adapter -> the export's base -> engine, and end to end.
+
+    Raises:
+        ParityError: the patched engine does not compute what base + adapter (unfolded) compute.
+    """
+    from hypermerge.export import certificate as cert
+    from hypermerge.export.parity import failure_summary
+
+    certificate = cert.patch_certificate(adapters[-1], checkpoint.content_sha256(), checkpoint.method.name,
+                                         checkpoint.metadata.get("source", "hypermerge"), source_path,
+                                         (report.get("source") or {}).get("weights_sha256"), content_check.to_dict(),
+                                         adapters[:-1])
+    e2e = {"passed": None, "why": "not run (--no-verify)"}
+    if verify:
+        e2e = cert.end_to_end(out_dir, certificate, task=report.get("task") or "auto", provider=provider,
+                              threads=threads, new_tokens=new_tokens, adapters_before=adapters[:-1],
+                              weights_map=weights_map)
+        if e2e.get("passed") is False:
+            raise ParityError(f"the patched engine does not compute what the adapter model computes: "
+                              f"{failure_summary(e2e)}", path=out_dir.parent, hint="fold the adapter and export it")
+    return cert.finish(certificate, out_dir, report.get("parity"), e2e)
+
+
 def _copy_export_files(export_dir: Path, tmp: Path, weights_map: WeightsMap, model, refit: bool) -> list[str]:
     """Everything but the model, its data, the map and the report (and the engine, when it is
     refitted); returns the stale files left out."""
@@ -350,7 +405,7 @@ def _copy_export_files(export_dir: Path, tmp: Path, weights_map: WeightsMap, mod
 def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *, verify: bool = True,
                  trt: bool = False, source: str | Path | None = None, overwrite: bool = False,
                  tolerance=None, new_tokens: int = 16, provider: str = "auto", threads: int | None = None,
-                 progress: bool = True) -> PatchResult:
+                 progress: bool = True, allow_other_base: bool = False) -> PatchResult:
     """Fold ``adapter`` into the exported model in ``export_dir`` and write ``out`` (same graph).
 
     Args:
@@ -364,6 +419,8 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
         tolerance: parity bound (default: fp32 atol 1e-4, rtol 1e-3, as export).
         new_tokens: greedy tokens compared with PyTorch (causal LMs).
         provider, threads: the onnxruntime session used for ``verify``.
+        allow_other_base: patch even if the export's weights differ from the adapter's record
+            of its base (recorded in the report).
 
     Returns:
         A PatchResult.
@@ -395,7 +452,11 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
     inits = Initializers(model, export_dir)
     reader = _Reader(weights_map, inits)
     changes, unchanged = compute_changes(checkpoint, weights_map, reader, export_dir, progress)
-    base_check = check_adapter_base(checkpoint, weights_map, [c.name for c in changes])
+    content_check = check_export_base(checkpoint, weights_map, reader, export_dir, allow_other_base)
+    if content_check.status == NOT_CHECKED:  # no record of the base's content: compare the recorded base's files
+        base_check = check_adapter_base(checkpoint, weights_map, [c.name for c in changes])
+    else:
+        base_check = content_check.detail
     updated = apply_changes(changes, weights_map, reader)
     adapter_path = str(checkpoint.path.absolute())
     adapter_format = checkpoint.metadata.get("source", "hypermerge")
@@ -417,6 +478,7 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
         section = {"adapter": adapter_path, "method": checkpoint.method.name, "format": adapter_format,
                    "tensors_changed": result.folded, "initializers_rewritten": result.initializers,
                    "unchanged_by_the_fold": result.unchanged, "base_check": base_check,
+                   "base_content_check": content_check.to_dict(), "adapter_sha256": checkpoint.content_sha256(),
                    "graph": "unchanged (weights only)", "weights_map_built_now": built,
                    "dropped": [f"{name}: holds the base's weights" for name in dropped]}
         report = {**report, "patch": section, "patched_at": api._now(), "hypermerge": __version__}
@@ -473,6 +535,8 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
                                       + "; ".join(failures), path=export_dir,
                                       hint="TensorRT can drop a GEMM bias on refit: rebuild with hypermerge export --trt")
             result.tensorrt = report["tensorrt"]
+        report["certificate"] = _certify(checkpoint, content_check, source_path, report, adapters, tmp,
+                                         weights_map, verify, provider, threads, new_tokens)
         result.seconds = time.perf_counter() - start
         report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
         report["patch"]["seconds"] = round(result.seconds, 2)

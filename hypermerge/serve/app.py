@@ -17,8 +17,11 @@ go through one thread: onnxruntime already spreads a run over the cores, and two
 would only compete for them. Tokenization runs in a thread pool, off the event loop.
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed
-or out-of-limit request, 404 for an unsupported endpoint, 413 for a body over the size limit, 500
-if the model fails (the server goes on).
+or out-of-limit request, 401 without a valid API key (:mod:`hypermerge.serve.auth`), 404 for an
+unsupported endpoint, 413 for a body over the size limit, 429 when the queue is full and 503 while
+draining or after ``--request-timeout`` (both with ``Retry-After``; :mod:`hypermerge.serve.backpressure`),
+500 if the model fails (the server goes on). A client that disconnects stops costing compute
+(:mod:`hypermerge.serve.disconnect`).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -46,9 +50,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypermerge.errors import ConfigError, HypermergeError
-from hypermerge.export.runtime import OnnxModel, StreamStep
-from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
-from hypermerge.serve.batching import MicroBatcher, length_groups
+from hypermerge.runtime.contract import CAUSAL_LM, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
+from hypermerge.runtime.model import OnnxModel, StreamStep
+from hypermerge.serve.auth import ApiKeyMiddleware, key_problems
+from hypermerge.serve.backpressure import Rejected, RequestQueue, Ticket, drain_on_signals
+from hypermerge.serve.batching import MicroBatcher, QueueTimeout, length_groups
+from hypermerge.serve.disconnect import ClientGone, unless_disconnected
 from hypermerge.serve.metrics import Metrics, MetricsMiddleware
 from hypermerge.serve.schemas import ClassifyRequest, CompletionRequest, EmbeddingRequest
 
@@ -58,8 +65,11 @@ log = logging.getLogger("hypermerge.serve")
 TASK_ENDPOINTS = {FEATURE_EXTRACTION: "/v1/embeddings", SEQUENCE_CLASSIFICATION: "/v1/classify",
                   CAUSAL_LM: "/v1/completions"}
 CPU_RUN_COST = 16.0
+QUEUE_BATCHES = 8  # the default --max-queue, in --max-batch units
 _ARRIVING = "hypermerge.arriving"  # scope key: this request still counts in Service.arriving
+_TICKET = "hypermerge.ticket"  # scope key: the request's place in the queue (backpressure.Ticket)
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", *TASK_ENDPOINTS.values()})
+T = TypeVar("T")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -82,6 +92,12 @@ class ServeSettings:
         quiet: no access log.
         adapters: adapter name -> adapter directory (``--adapter NAME=DIR``): what requests may
             choose with ``"adapter": NAME`` (exports with ``--adapter-inputs`` only).
+        api_keys: the keys ``/v1/*`` accepts as ``Authorization: Bearer KEY`` (empty: no auth).
+            Never shown in the settings' repr.
+        open_metrics: ``/metrics`` without a key even when keys are set (for a scraper on a private network).
+        max_queue: most requests waiting for the model per worker before new ones get 429 (None:
+            ``QUEUE_BATCHES`` × ``max_batch``, see :attr:`queue_limit`).
+        request_timeout: seconds a request may wait for the model before it is answered 503 (None: no limit).
         model_file: the model in the directory: model.onnx, or model.int8.onnx / model.int4.onnx.
 
     Raises:
@@ -101,10 +117,15 @@ class ServeSettings:
     graceful_timeout: float = 30.0
     quiet: bool = False
     adapters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    api_keys: Sequence[str] = dataclasses.field(default=(), repr=False)
+    open_metrics: bool = False
+    max_queue: int | None = None
+    request_timeout: float | None = None
     model_file: str = "model.onnx"
 
     def __post_init__(self) -> None:
-        problems = []
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))  # JSON (worker settings) gives a list
+        problems = key_problems(self.api_keys)
         for name in self.adapters:
             if not ADAPTER_NAME.fullmatch(name):
                 problems.append(f"--adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
@@ -120,8 +141,18 @@ class ServeSettings:
             problems.append(f"--max-wait-ms must be non-negative (got {self.max_wait_ms})")
         if self.graceful_timeout < 0:
             problems.append(f"--graceful-timeout must be non-negative (got {self.graceful_timeout})")
+        if self.max_queue is not None and self.max_queue < 1:
+            problems.append(f"--max-queue must be at least 1 (got {self.max_queue})")
+        if self.request_timeout is not None and not self.request_timeout > 0:  # not: NaN fails too
+            problems.append(f"--request-timeout must be a positive number of seconds (got {self.request_timeout})")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def queue_limit(self) -> int:
+        """``max_queue``, or by default room for ``QUEUE_BATCHES`` full batches of one-text requests:
+        the last one queued waits about that many model runs."""
+        return self.max_queue if self.max_queue is not None else QUEUE_BATCHES * self.max_batch
 
 
 class APIError(Exception):
@@ -176,6 +207,9 @@ class Service:
         # encoder requests received (by _RequestGate) but not yet handed to the batcher: the ones a
         # batch may wait for. Touched on the event loop thread only.
         self.arriving = 0
+        # admission: at most queue_limit requests waiting; generation runs max_batch sequences at once
+        self.queue = RequestQueue(settings.queue_limit, settings.request_timeout, slots=settings.max_batch,
+                                  on_waiting=metrics.waiting.set)
 
     # --- encoders -------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, encoded: list[dict]) -> list:
@@ -262,7 +296,39 @@ class Service:
         self.metrics.tokens.labels("prompt").inc(tokens)
         assert self.batcher is not None
         self.submitted(scope)
-        return await self.batcher.submit(encoded, key), tokens
+        ticket: Ticket | None = scope.get(_TICKET)
+        if ticket is None:  # not admitted by _RequestGate (an app mounted without it)
+            return await self.batcher.submit(encoded, key), tokens
+        deadline = ticket.deadline
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            raise self.queue.timed_out()  # already waited too long (a slow body, a slow tokenizer queue)
+
+        def started() -> None:
+            self.queue.observe_wait(ticket)
+            ticket.started()
+
+        try:
+            return await self.batcher.submit(encoded, key, deadline=deadline, on_start=started), tokens
+        except QueueTimeout:
+            raise self.queue.timed_out() from None
+
+    async def watched(self, request: Request, work: Awaitable[T]) -> T:
+        """``work``'s result, or cancelled work and a 499 if the client disconnects first (counted as
+        ``queued`` when nothing of it had started, ``running`` otherwise)."""
+        try:
+            return await unless_disconnected(request.receive, work)
+        except ClientGone:
+            ticket: Ticket | None = request.scope.get(_TICKET)
+            stage = "queued" if ticket is not None and ticket.waiting else "running"
+            self.metrics.cancelled.labels(request.url.path, stage).inc()
+            raise APIError(499, "the client closed the request", code="client_closed_request") from None
+
+    def rejection(self, exc: Rejected, endpoint: str) -> JSONResponse:
+        """The 429/503 answer to a request refused for capacity, counted."""
+        self.metrics.rejected.labels(endpoint, exc.reason).inc()
+        response = _error(exc.status, exc.message, code=exc.reason, kind="server_overloaded")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     # --- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
@@ -286,6 +352,16 @@ class Service:
         step = next(steps, None)
         self.metrics.inference.labels(CAUSAL_LM).observe(time.perf_counter() - start)
         return step
+
+    async def start_generation(self, scope: Scope) -> None:
+        """Wait for one of the ``max_batch`` generation slots (held until the request ends).
+
+        Raises:
+            Rejected: 503, the request's ``--request-timeout`` passed first.
+        """
+        ticket: Ticket | None = scope.get(_TICKET)
+        if ticket is not None:
+            await self.queue.take_slot(ticket)
 
     async def steps(self, prompt_ids: list[int], body: CompletionRequest) -> AsyncIterator[StreamStep]:
         """Generation steps, each one forward pass queued on the inference thread (streams interleave)."""
@@ -380,18 +456,25 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service.batcher is not None:
             service.batcher.start()
+        restore = drain_on_signals(service.queue)
         yield
+        restore()
         await service.close()  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="hypermerge serve", version=_version(), lifespan=lifespan,
                   description=f"Serving {service.name} ({model.task}) on onnxruntime.")
     app.state.service = service
     app.add_middleware(_RequestGate, limit=settings.max_body_bytes, service=service)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_metrics=settings.open_metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts everything
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(Rejected)
+    async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+        return service.rejection(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -440,7 +523,8 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
         @app.post("/v1/embeddings")
         async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
             """Sentence embeddings (OpenAI's shape)."""
-            vectors, tokens = await service.encode(body.texts(), body.truncate, body.batch_key(), request.scope)
+            vectors, tokens = await service.watched(request, service.encode(body.texts(), body.truncate,
+                                                                            body.batch_key(), request.scope))
             data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
                     for i, v in enumerate(vectors)]
             return JSONResponse({"object": "list", "data": data, "model": service.name,
@@ -450,14 +534,15 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
         @app.post("/v1/classify")
         async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
             """Label, score and every label's probability per text (label names from the config)."""
-            results, tokens = await service.encode(body.texts(), body.truncate, body.batch_key(), request.scope)
+            results, tokens = await service.watched(request, service.encode(body.texts(), body.truncate,
+                                                                            body.batch_key(), request.scope))
             data = [{"index": i, **result} for i, result in enumerate(results)]
             return JSONResponse({"object": "list", "data": data, "model": service.name,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     if model.task == CAUSAL_LM:
         @app.post("/v1/completions", response_model=None)
-        async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
             """Text completion (OpenAI's legacy shape); server-sent events with ``"stream": true``."""
             prompts = body.prompts()
             service.check_count(len(prompts), "prompt")
@@ -466,17 +551,11 @@ def create_app(model: OnnxModel, settings: ServeSettings | None = None, *, metri
             service.metrics.tokens.labels("prompt").inc(sum(map(len, encoded)))
             request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             head = {"id": request_id, "object": "text_completion", "created": created, "model": service.name}
-            if body.stream:
+            await service.watched(request, service.start_generation(request.scope))
+            if body.stream:  # Starlette stops the iterator when the client disconnects
                 return StreamingResponse(_events(service, encoded, body, head), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            choices, completion_tokens = [], 0
-            for index, prompt_ids in enumerate(encoded):
-                text, step = [], None
-                async for step in service.steps(prompt_ids, body):
-                    text.append(step.text)
-                choices.append({"index": index, "text": "".join(text), "logprobs": None,
-                                "finish_reason": step.finish_reason if step else "length"})
-                completion_tokens += step.tokens if step else 0
+            choices, completion_tokens = await service.watched(request, _complete(service, encoded, body))
             prompt_tokens = sum(map(len, encoded))
             return JSONResponse({**head, "choices": choices, "usage": {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -497,6 +576,8 @@ class _RequestGate:
       client gets the 413).
     - Every POST body is read as JSON, whatever its Content-Type: the API takes nothing else, and
       ``curl -d '{...}'`` labels its JSON form-encoded.
+    - Admission to the model's endpoint (:class:`~hypermerge.serve.backpressure.RequestQueue`):
+      429/503 with ``Retry-After`` when the queue is full or the server drains.
     """
 
     def __init__(self, app: ASGIApp, limit: int, service: Service):
@@ -541,9 +622,16 @@ class _RequestGate:
                 return
             await send(message)
 
-        encoder = self.service.batcher is not None and scope["path"] == TASK_ENDPOINTS[self.service.model.task]
-        if encoder and scope["method"] == "POST":
-            self.service.arrived(scope)
+        ticket = None
+        if scope["method"] == "POST" and scope["path"] == TASK_ENDPOINTS[self.service.model.task]:
+            try:  # before the body is read: a refusal costs microseconds
+                ticket = self.service.queue.admit()
+            except Rejected as exc:
+                await self.service.rejection(exc, scope["path"])(scope, receive, send)
+                return
+            scope[_TICKET] = ticket
+            if self.service.batcher is not None:
+                self.service.arrived(scope)
         try:
             await self.app(scope, limited_receive, checked_send)
         except _TooLarge:
@@ -551,6 +639,21 @@ class _RequestGate:
                 await self._response(None)(scope, receive, send)
         finally:
             self.service.submitted(scope)  # a request that failed before the batcher
+            if ticket is not None:
+                ticket.finished()  # out of the queue, its generation slot (if any) freed
+
+
+async def _complete(service: Service, encoded: list[list[int]], body: CompletionRequest) -> tuple[list[dict], int]:
+    """Each prompt's completion (non-streamed) and the number of tokens generated."""
+    choices, completion_tokens = [], 0
+    for index, prompt_ids in enumerate(encoded):
+        text, step = [], None
+        async for step in service.steps(prompt_ids, body):
+            text.append(step.text)
+        choices.append({"index": index, "text": "".join(text), "logprobs": None,
+                        "finish_reason": step.finish_reason if step else "length"})
+        completion_tokens += step.tokens if step else 0
+    return choices, completion_tokens
 
 
 def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -581,6 +684,9 @@ async def _events(service: Service, encoded: list[list[int]], body: CompletionRe
             yield _sse({**head, "choices": [], "usage": {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}})
+    except asyncio.CancelledError:  # the client disconnected (Starlette cancels the iterator): stop generating
+        service.metrics.cancelled.labels("/v1/completions", "running").inc()
+        raise
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, keep serving
         log.exception("streaming completion failed")
         yield _sse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",

@@ -11,7 +11,9 @@ up during the previous run.
 Only items with the same key are batched together: the key is the request's adapter name (None for
 the base model), so one model run never mixes adapters.
 
-A batch that fails is retried request by request, so one bad request fails alone.
+A batch that fails is retried request by request, so one bad request fails alone. A request
+whose caller went away (its :meth:`MicroBatcher.submit` cancelled) is dropped from the queue
+without being computed; one that is still queued at its ``deadline`` gets :class:`QueueTimeout`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ Result = TypeVar("Result")
 log = logging.getLogger("hypermerge.serve")
 
 
+class QueueTimeout(Exception):
+    """A request was still queued at its deadline: it was dropped, not computed."""
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry(Generic[Item, Result]):
     items: Sequence[Item]
     key: Hashable
     future: asyncio.Future
     arrived: float
+    start: asyncio.Future  # resolved when a batch holding these items starts running
+    on_start: Callable[[], None] | None = None
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -76,24 +84,34 @@ class MicroBatcher(Generic[Item, Result]):
         if self._task is not None:
             await self._task
 
-    async def submit(self, items: Sequence[Item], key: Hashable = None) -> list[Result]:
+    async def submit(self, items: Sequence[Item], key: Hashable = None, *, deadline: float | None = None,
+                     on_start: Callable[[], None] | None = None) -> list[Result]:
         """Queue ``items`` and wait for their results (in order).
 
         More than ``max_batch`` items are split into several batches.
 
+        Args:
+            items: what to run.
+            key: only items of the same key share a batch.
+            deadline: event loop time by which the first batch of these items must have started.
+            on_start: called when a batch holding these items starts running (once per batch of them).
+
         Raises:
             RuntimeError: the batcher is closed or was never started.
+            QueueTimeout: still queued at ``deadline`` (nothing of it was computed).
             Exception: whatever ``run`` raised for these items.
         """
         if self._closing or self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
-        entries = [_Entry(items[i:i + self.max_batch], key, loop.create_future(), loop.time())
-                   for i in range(0, len(items), self.max_batch)]
+        entries = [_Entry(items[i:i + self.max_batch], key, loop.create_future(), loop.time(), loop.create_future(),
+                          on_start) for i in range(0, len(items), self.max_batch)]
         self._pending.extend(entries)
         self._wake.set()
         results: list[Result] = []
         try:
+            if deadline is not None:
+                await _started_by(entries[0], deadline)
             for entry in entries:
                 results.extend(await entry.future)
         finally:
@@ -151,6 +169,11 @@ class MicroBatcher(Generic[Item, Result]):
     async def _run(self, batch: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
         items = [item for entry in batch for item in entry.items]
+        for entry in batch:
+            if not entry.start.done():  # a retry after a failed batch starts nothing new
+                entry.start.set_result(None)
+                if entry.on_start is not None:
+                    entry.on_start()
         try:
             results = await loop.run_in_executor(self.executor, self.run, batch[0].key, items)
             if len(results) != len(items):
@@ -198,6 +221,18 @@ def length_groups(lengths: Sequence[int], run_cost: float) -> list[list[int]]:
         groups.append(order[start[j]:j])
         j = start[j]
     return groups[::-1]
+
+
+async def _started_by(entry: _Entry, deadline: float) -> None:
+    """Wait until ``entry``'s batch starts (or it is done), at most until ``deadline``.
+
+    Raises:
+        QueueTimeout: still queued at the deadline.
+    """
+    remaining = deadline - asyncio.get_running_loop().time()
+    await asyncio.wait([entry.start, entry.future], timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+    if not entry.start.done() and not entry.future.done():
+        raise QueueTimeout()
 
 
 def _resolve(future: asyncio.Future, *, result=None, exc: BaseException | None = None) -> None:

@@ -39,6 +39,11 @@ class Metrics:
       into one model run (micro-batching at work when > 1).
     - ``hypermerge_inference_duration_seconds{kind}``: one model run (encode batch, generation step).
     - ``hypermerge_tokens_total{kind}``: prompt (input) and completion (generated) tokens.
+    - ``hypermerge_rejected_total{endpoint, reason}``: requests refused for capacity: ``queue_full``
+      (429), ``draining`` (503, shutting down), ``timeout`` (503, waited over ``--request-timeout``).
+    - ``hypermerge_cancelled_total{endpoint, stage}``: requests whose client disconnected before the
+      answer: ``queued`` (dropped before any computation) or ``running`` (generation stopped).
+    - ``hypermerge_queue_waiting``: admitted requests waiting for the model now.
 
     Args:
         multiprocess_dir: prometheus_client's multiprocess directory (several workers); None for one process.
@@ -69,6 +74,13 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=registry)
         self.tokens = Counter("hypermerge_tokens", "Tokens processed: prompt (input) or completion (generated).",
                               ["kind"], registry=registry)
+        self.rejected = Counter("hypermerge_rejected", "Requests refused for capacity (429 queue_full; 503 "
+                                "draining or timeout).", ["endpoint", "reason"], registry=registry)
+        self.cancelled = Counter("hypermerge_cancelled", "Requests whose client left before the answer: queued "
+                                 "(never computed) or running (generation stopped).", ["endpoint", "stage"],
+                                 registry=registry)
+        self.waiting = Gauge("hypermerge_queue_waiting", "Admitted requests waiting for the model.",
+                             multiprocess_mode="livesum", registry=registry)
 
     def observe_batch(self, items: int, requests: int) -> None:
         self.batch_size.observe(items)

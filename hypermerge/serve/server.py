@@ -23,13 +23,15 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from hypermerge.errors import HypermergeError
-from hypermerge.export.runtime import OnnxModel
+from hypermerge.runtime.model import OnnxModel
 from hypermerge.serve.app import ServeSettings
+from hypermerge.serve.auth import exposure_warning
 
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 SETTINGS_ENV = "HYPERMERGE_SERVE_SETTINGS"  # JSON {"path": ..., **ServeSettings} for worker processes
@@ -79,6 +81,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _uvicorn_config(app, settings: ServeSettings, **extra):
     import uvicorn
 
@@ -88,13 +94,15 @@ def _uvicorn_config(app, settings: ServeSettings, **extra):
 
 
 def serve(path: str | Path, settings: ServeSettings | None = None, *,
-          announce: Callable[[str], None] = print) -> None:
+          announce: Callable[[str], None] = print, warn: Callable[[str], None] = _print_stderr) -> None:
     """Serve an exported directory until SIGTERM or Ctrl-C.
 
     Args:
         path: a directory written by ``hypermerge export``.
-        settings: host, port, provider, batching, workers...
+        settings: host, port, provider, batching, workers, API keys...
         announce: gets the one line saying what is served where (printed by default).
+        warn: gets the one-line warning for a server open to the network without an API key
+            (stderr by default).
 
     Raises:
         HypermergeError: a start-up failure (see the module docstring).
@@ -117,8 +125,15 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {model.path} ({model.task}, {model.provider}) on http://{shown}:{port} "
              f"with {settings.workers} worker{'s' if settings.workers > 1 else ''}, "
-             f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms"
-             + (f", adapters {', '.join(sorted(settings.adapters))}" if settings.adapters else ""))
+             f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms, max queue {settings.queue_limit}"
+             + (f", request timeout {settings.request_timeout:g} s" if settings.request_timeout else "")
+             + (f", adapters {', '.join(sorted(settings.adapters))}" if settings.adapters else "")
+             # how many keys, never which
+             + (f", {len(settings.api_keys)} API key{'s' if len(settings.api_keys) > 1 else ''}"
+                if settings.api_keys else ""))
+    warning = exposure_warning(settings.host, settings.api_keys)
+    if warning is not None:
+        warn(warning)
     settings = dataclasses.replace(settings, port=port)
     if settings.workers == 1:
         server = uvicorn.Server(_uvicorn_config(app, settings))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from hypermerge._fs import atomic_output_dir, require_dir
 from hypermerge.errors import BackendUnavailableError, ConfigError, ExportError
-from hypermerge.export.runtime import MODEL_FILE
-from hypermerge.export.tasks import SEQUENCE_CLASSIFICATION, contract_from_onnx
+from hypermerge.runtime.contract import SEQUENCE_CLASSIFICATION, contract_from_onnx
+from hypermerge.runtime.model import MODEL_FILE
 
 # onnx.TensorProto element type -> Triton DataType (model_config.proto)
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16",

@@ -187,3 +187,74 @@ def test_real_engine_parity(tmp_path, arch, precision):
     assert trt["parity"]["passed"] and (result.out / "model.engine").exists() and (result.out / "timing.cache").exists()
     assert "REFIT" in trt["flags"] and "tensorrt" in result.report["latency"]
     assert hm.verify_export(result.out, iters=3, progress=False)["tensorrt"]["reverified"] == "yes"
+
+
+# -- the stand-ins and hypermerge's TensorRT code against the real API (tensorrt-stubs 10.13) ------
+def _stub_index():
+    from trt_api import StubIndex
+
+    return StubIndex.load()
+
+
+def _refit_stand_in(monkeypatch):
+    """test_refit.py's stand-in module (loaded from its file: test directories are not packages)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "patch" / "test_refit.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # for its patch_helpers import
+    spec = importlib.util.spec_from_file_location("refit_stand_in", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fake_tensorrt(["w"])[0]
+
+
+def test_every_name_the_stand_ins_offer_exists_in_tensorrt(monkeypatch):
+    from trt_api import stand_in_problems
+
+    index = _stub_index()
+    for stand_in in (fake_tensorrt()[0], _refit_stand_in(monkeypatch)):
+        problems, checked = stand_in_problems(stand_in, index)
+        assert problems == [], problems
+        assert checked >= 8  # the check walked the stand-in (module names, classes, returned classes)
+
+
+def test_every_trt_use_in_hypermerge_exists_in_tensorrt():
+    from pathlib import Path
+
+    from trt_api import package_problems
+
+    index = _stub_index()
+    root = Path(hm.__file__).parent
+    uses = []
+    for path in (root / "export" / "tensorrt.py", root / "patch" / "refit.py"):
+        problems, seen = package_problems(path.read_text(), index)
+        assert problems == [], (path.name, problems)
+        uses += seen
+    # the walk reached the objects TensorRT hands back, not just the module's names
+    for expected in ("IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.set_timing_cache", "ITimingCache.serialize",
+                     "IOptimizationProfile.set_shape", "OnnxParser.parse_from_file", "ICudaEngine.get_tensor_mode",
+                     "IExecutionContext.execute_async_v3", "Refitter.set_named_weights", "Refitter.refit_cuda_engine",
+                     "BuilderFlag.BF16", "Logger.WARNING", "tensorrt.nptype"):
+        assert expected in uses, expected
+
+
+def test_a_renamed_stand_in_attribute_or_api_call_fails_the_check():
+    from trt_api import package_problems, stand_in_problems
+
+    index = _stub_index()
+    module, _ = fake_tensorrt()
+    config_cls = type(module.Builder(None).create_builder_config())
+    config_cls.set_memory_pool_limt = config_cls.set_memory_pool_limit  # a misspelt stand-in method
+    del config_cls.set_memory_pool_limit
+    module.BuilderFlag.REFITTABLE = module.BuilderFlag.REFIT
+    problems, _ = stand_in_problems(module, index)
+    assert "IBuilderConfig.set_memory_pool_limt" in problems and "BuilderFlag.REFITTABLE" in problems
+    from pathlib import Path
+
+    source = (Path(hm.__file__).parent / "patch" / "refit.py").read_text()
+    problems, _ = package_problems(source.replace("refitter.set_named_weights", "refitter.set_named_weight"), index)
+    assert problems == ["Refitter.set_named_weight"]
+    problems, _ = package_problems("def f(trt):\n    c = trt.Builder(None).create_builder_config()\n"
+                                   "    c.set_timing_cache(None, ignore_mismatches=False)\n", index)
+    assert problems == ["IBuilderConfig.set_timing_cache(... ignore_mismatches=...)"]
