@@ -84,7 +84,7 @@ def check_base(checkpoint, given: Path, read_sample: Callable[[str], np.ndarray 
     comparison = digests.compare(digest, samples, model_type_of(given))
     seconds = time.perf_counter() - start
     if comparison.same:
-        return BaseCheck(SAME, f"the base's content matches the adapter's record ({comparison.checked} weights "
+        return BaseCheck(SAME, f"by content: the base matches the adapter's record ({comparison.checked} weights "
                                "sampled)", recorded, str(given), digest.sha256, comparison.checked, seconds)
     message = (f"the base given is not the one the adapter was trained on: {comparison.detail} "
                f"(base recorded: {recorded or 'unknown path'}; base given: {given})")
