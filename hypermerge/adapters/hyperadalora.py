@@ -36,6 +36,7 @@ from hypermerge.adapters.adalora import (
     AdaLoRALayer,
     AllocatorState,
     check_total_steps,
+    current_config,
 )
 from hypermerge.adapters.hypernetwork import (
     ComponentHypernetwork,
@@ -144,11 +145,14 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
         return config.orth_reg_weight * total / (2 * len(layers))
 
     @classmethod
-    def allocate_ranks(cls, model, layers, step) -> None:
-        from hypermerge.adapters.adalora import _current_config
+    def restore_allocation(cls, model, layers, final) -> None:
+        # The mask and the shrunk state travel with the hypernetwork (load_model_tensors).
+        return None
 
+    @classmethod
+    def allocate_ranks(cls, model, layers, step) -> None:
         step = ra.check_step(step)
-        config = _current_config(model, list(layers.values()))
+        config = current_config(model, list(layers.values()))
         total_steps = check_total_steps(config)
         state = AllocatorState.of(model, config)
         net: ComponentHypernetwork = cls.hypernetwork(model)
