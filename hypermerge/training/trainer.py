@@ -127,6 +127,12 @@ class HypermergeTrainer(transformers.Trainer):
         method = adapter_model.adapter_state(model).method
         self._regularized = _overrides(method, "regularization_loss")
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.adapter_model is not None:
+            apply_lr_multipliers(optimizer, self.adapter_model)
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
@@ -172,6 +178,27 @@ class HypermergeTrainer(transformers.Trainer):
         if run_state.exists():
             self.rank_budget[:] = json.loads(run_state.read_text()).get("rank_budget", [])
         return None
+
+
+def apply_lr_multipliers(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Move the parameters a method trains at a multiple of the learning rate (HyperAdaLoRA's
+    ``hyper_lr_multiplier``) into their own param groups, before the scheduler reads the rates."""
+    method = adapter_model.adapter_state(model).method
+    multipliers = method.learning_rate_multipliers(model) if hasattr(method, "learning_rate_multipliers") else {}
+    multipliers = {prefix: m for prefix, m in multipliers.items() if m != 1.0}
+    if not multipliers:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in list(optimizer.param_groups):
+        kept, moved = [], {}
+        for param in group["params"]:
+            name = names.get(id(param), "")
+            factor = next((m for prefix, m in multipliers.items() if name.startswith(prefix)), 1.0)
+            (kept if factor == 1.0 else moved.setdefault(factor, [])).append(param)
+        group["params"] = kept
+        for factor, params in moved.items():
+            settings = {k: v for k, v in group.items() if k != "params"}
+            optimizer.add_param_group({**settings, "params": params, "lr": group["lr"] * factor})
 
 
 def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
