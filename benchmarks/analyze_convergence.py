@@ -128,9 +128,9 @@ def seed_table(runs: list[dict], best: dict[str, float], window: int) -> tuple[s
     return "\n".join(lines), rows
 
 
-def ablation_table(runs: list[dict], window: int) -> str:
-    adalora = min((r for r in runs if r["label"] == "adalora" and r["seed"] == 0), key=lambda r: r["evals"][-1]["loss"],
-                  default=None)
+def ablation_table(runs: list[dict], best: dict[str, float], window: int) -> str:
+    adalora = next((r for r in runs if r["label"] == "adalora" and r["seed"] == 0 and r["lr"] == best.get("adalora")),
+                   None)
     lines = ["| variant (seed 0) | lr | trainable | final eval loss (curve subset) | eval-loss AUC | held-out loss / acc "
              "| steps to AdaLoRA's final smoothed train loss | pruned / restored over all allocations |",
              "|---|---|---|---|---|---|---|---|"]
@@ -186,15 +186,21 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=25, help="steps in the trailing mean of the training loss")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--lrs", default=None,
+                        help="the rates of the seeded comparison, e.g. adalora=1e-2,hyperadalora=4e-3 (default: the best)")
     args = parser.parse_args()
     runs = load(args.runs, args.task)
     best = best_lrs(runs)
-    print(f"## {args.task}: best learning rates {best}\n\n### Sweep (seed 0)\n\n{sweep_table(runs, args.window)}")
+    print(f"## {args.task}: best learning rates of the sweep {best}", end="")
+    if args.lrs:
+        best = {k: float(v) for k, v in (item.split("=") for item in args.lrs.split(","))}
+        print(f"; seeded comparison at {best}", end="")
+    print(f"\n\n### Sweep (seed 0)\n\n{sweep_table(runs, args.window)}")
     table, rows = seed_table(runs, best, args.window)
-    print(f"\n### Seeds at each method's best rate\n\n{table}")
+    print(f"\n### Seeds, paired, at {best}\n\n{table}")
     ratios = [r["step_ratio"] for r in rows if r["step_ratio"]]
     print(f"\nreached in {len(ratios)} of {len(rows)} seeds; step ratios {[round(x, 2) for x in ratios]}")
-    print(f"\n### Ablations and design changes\n\n{ablation_table(runs, args.window)}")
+    print(f"\n### Ablations and design changes\n\n{ablation_table(runs, best, args.window)}")
     print(f"\n### Mask churn\n\n{churn_table(runs)}")
     if args.plot:
         plot(runs, best, args.plot, args.title or f"{args.task}: eval loss, AdaLoRA vs HyperAdaLoRA at their best rates")
