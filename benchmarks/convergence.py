@@ -1,84 +1,113 @@
-"""Convergence: HyperAdaLoRA vs AdaLoRA at equal rank budgets on MiniLM sentiment (one run per call).
+"""Convergence: HyperAdaLoRA vs AdaLoRA at equal rank budgets, one run per call (issue 14).
 
-    python benchmarks/convergence.py --method hyperadalora --seed 0 --steps 300 --lr 3e-3 --out runs/x.json
+    python benchmarks/convergence.py --task minilm --method hyperadalora --seed 0 --lr 3e-3 \\
+        --out benchmarks/results/conv_minilm_hyperadalora_lr3e-3_s0.json
 
 One plain training loop, identical for every method: AdamW (no weight decay), linear warm-up over
-6% of the steps then linear decay to 0, batch 8, sequences cut at 48 tokens (99% of the sentences
-are shorter than 55) and padded per batch, loss = cross-entropy + ``hm.regularization_loss``;
-``hm.allocate_ranks`` after every optimizer step. Eval loss on the first 300 validation sentences
-every ``--eval-every`` (20) steps. The seed fixes the
-classifier's initialisation and the batch order (the same for every method); the adapter's own
-initialisation follows from it too. Training time excludes evaluation.
+6% of the steps then linear decay to 0, loss = task loss + ``hm.regularization_loss``,
+``hm.allocate_ranks(model, step)`` after every optimizer step (step = optimizer steps taken). The
+seed fixes the batch order and the adapter's initialisation; tasks are in ``convergence_tasks.py``
+(MiniLM: a frozen linear-probe head; SmolLM2: completion-only loss). Recorded: the task loss of
+every step (regulariser excluded), the eval loss / accuracy on a small curve subset every
+``--eval-every`` steps, the final loss and accuracy (exact match) on >= 1,000 held-out examples
+(per example, for intervals and paired tests), per-step seconds, the rank pattern and, at every
+allocation, how many components were pruned and how many came back (mask churn). Training time
+excludes evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
-from _minilm import evaluate, load_data, load_model, method_config, train_batches
+from convergence_tasks import TASKS, summary
 
 import hypermerge as hm
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True, choices=["adalora", "hyperadalora", "lora", "hyperlora"])
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--method", required=True, choices=["adalora", "hyperadalora"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--eval-size", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--init-r", type=int, default=12)
-    parser.add_argument("--target-r", type=int, default=8)
+    parser.add_argument("--target-r", type=int, default=8, help="= init_r: no pruning (ablation)")
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--tinit", type=int, default=None, help="default: 10%% of the steps")
+    parser.add_argument("--tinit", type=int, default=None, help="default: 20%% of the steps")
     parser.add_argument("--tfinal", type=int, default=None, help="default: 20%% of the steps")
     parser.add_argument("--delta-t", type=int, default=10)
+    parser.add_argument("--orth-reg-weight", type=float, default=0.5)
     parser.add_argument("--hyper-dim", type=int, default=64)
     parser.add_argument("--hyper-depth", type=int, default=2)
     parser.add_argument("--hyper-heads", type=int, default=4)
-    parser.add_argument("--readout-exp", type=float, default=0.5,
-                        help="design variant: multiply the generated values by hyper_dim^-e (library: e = 0.5)")
+    parser.add_argument("--hyper-matrix-rank", type=int, default=None, help="default: the library's")
+    parser.add_argument("--hyper-lambda-init", default=None, choices=["offset", "zero"])
+    parser.add_argument("--hyper-prune-reset", default=None, choices=["on", "off"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default=None, help="name of this variant in the analysis (default: the method)")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    tinit = args.steps // 10 if args.tinit is None else args.tinit
-    tfinal = args.steps // 5 if args.tfinal is None else args.tfinal
-    data = load_data(args.max_length, args.eval_size)
-    model = load_model(args.seed)
+
+def build_config(args: argparse.Namespace, extra: dict) -> hm.AdapterConfig:
+    schedule = dict(init_r=args.init_r, target_r=args.target_r, total_steps=args.steps, alpha=args.alpha,
+                    tinit=args.steps // 5 if args.tinit is None else args.tinit,
+                    tfinal=args.steps // 5 if args.tfinal is None else args.tfinal,
+                    delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight, **extra)
+    if args.method == "adalora":
+        return hm.AdaLoRAConfig(**schedule)
     hyper = dict(hyper_dim=args.hyper_dim, hyper_depth=args.hyper_depth, hyper_heads=args.hyper_heads)
-    config = method_config(args.method, init_r=args.init_r, target_r=args.target_r, total_steps=args.steps,
-                           tinit=tinit, tfinal=tfinal, delta_t=args.delta_t, alpha=args.alpha, hyper=hyper)
+    if args.hyper_matrix_rank is not None:
+        hyper["hyper_matrix_rank"] = args.hyper_matrix_rank
+    if args.hyper_lambda_init is not None:
+        hyper["hyper_lambda_init"] = args.hyper_lambda_init
+    if args.hyper_prune_reset is not None:
+        hyper["hyper_prune_reset"] = args.hyper_prune_reset == "on"
+    return hm.HyperAdaLoRAConfig(**schedule, **hyper)
+
+
+def keep_mask(model: torch.nn.Module, method: str) -> torch.Tensor:
+    """Every rank component's keep flag, concatenated (for counting mask flips)."""
+    if method == "hyperadalora":
+        return model.hyperadalora_hypernetwork.mask.clone()
+    return torch.cat([layer.rank_mask for layer in hm.adapter_layers(model).values()]).clone()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.task]()
+    model = task.load_model()
+    config = build_config(args, task.adapter_extra)
     torch.manual_seed(args.seed + 1000)  # the adapter's initialisation
     hm.inject(model, config)
-    if args.method.startswith("hyper") and args.readout_exp != 0.5:
-        _set_readout(model, args.method, args.readout_exp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, int(0.06 * args.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / max(1, args.steps - warmup))))
-    batches = train_batches(data, args.batch, args.seed)
+    batches = task.train_batches(args.batch, args.seed)
 
-    record = {"method": args.method, "label": args.label or args.method, "seed": args.seed, "args": vars(args) | {"out": str(args.out)},
-              "config": config.to_dict(), "trainable_parameters": hm.trainable_parameters(model),
+    record = {"task": args.task, "method": args.method, "label": args.label or args.method, "seed": args.seed,
+              "lr": args.lr, "args": vars(args) | {"out": str(args.out)}, "config": config.to_dict(),
+              "trainable_parameters": hm.trainable_parameters(model),
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                         f"{args.threads} thread(s)",
-              "evals": [], "train_loss": []}
-    loss0, acc0 = evaluate(model, data)
-    record["evals"].append({"step": 0, "seconds": 0.0, "loss": loss0, "accuracy": acc0})
+                         f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f} at start",
+              "evals": [], "train_loss": [], "step_seconds": [], "churn": []}
+    losses, correct = task.per_example(model, task.curve)
+    record["evals"].append({"step": 0, "seconds": 0.0, **_curve_point(losses, correct)})
     model.train()
     train_seconds = 0.0
+    mask = keep_mask(model, args.method)
     for step in range(1, args.steps + 1):
         batch = next(batches)
         start = time.perf_counter()
@@ -88,30 +117,33 @@ def main() -> None:
         scheduler.step()
         hm.allocate_ranks(model, step)
         optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - start
-        record["train_loss"].append(loss.item())
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        record["step_seconds"].append(round(seconds, 4))
+        record["train_loss"].append(round(loss.item(), 6))
+        new_mask = keep_mask(model, args.method)
+        if not torch.equal(new_mask, mask):
+            record["churn"].append({"step": step, "pruned": int((mask & ~new_mask).sum()),
+                                    "restored": int((~mask & new_mask).sum()), "kept": int(new_mask.sum())})
+        mask = new_mask
         if step % args.eval_every == 0 or step == args.steps:
-            eval_loss, accuracy = evaluate(model, data)
-            record["evals"].append({"step": step, "seconds": train_seconds, "loss": eval_loss, "accuracy": accuracy})
-            print(f"{args.method} seed {args.seed} step {step}: eval loss {eval_loss:.4f} acc {accuracy:.3f} "
-                  f"({train_seconds:.0f} s)", flush=True)
+            losses, correct = task.per_example(model, task.curve)
+            point = {"step": step, "seconds": train_seconds, **_curve_point(losses, correct)}
+            record["evals"].append(point)
+            print(f"{args.task} {record['label']} lr {args.lr:g} seed {args.seed} step {step}: eval loss "
+                  f"{point['loss']:.4f} acc {point['accuracy']:.3f} ({train_seconds:.0f} s)", flush=True)
+    losses, correct = task.per_example(model, task.final)
+    record["final"] = summary(losses, correct)
+    record["final_per_example"] = {"loss": [round(x, 5) for x in losses], "correct": [int(c) for c in correct]}
     record["rank_pattern"] = hm.rank_pattern(model)
     record["train_seconds"] = train_seconds
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    args.out.write_text(json.dumps(record) + "\n")
+    print(f"final: {json.dumps(record['final'])}", flush=True)
 
 
-def _set_readout(model: torch.nn.Module, method: str, exponent: float) -> None:
-    """Design variant: readout d^-e instead of 1/sqrt(d), head weights rescaled so the initial outputs are unchanged."""
-    net = getattr(model, f"{method}_hypernetwork")
-    dim = net.tokens.shape[1]
-    new = dim ** -exponent
-    with torch.no_grad():
-        for heads in (net.col_heads, net.row_heads, net.scalar_heads or []):
-            for head in heads:
-                head.weight.mul_(net.readout / new)
-    net.readout = new
-    net.invalidate()
+def _curve_point(losses: list[float], correct: list[bool]) -> dict:
+    return {"loss": sum(losses) / len(losses), "accuracy": sum(correct) / len(correct)}
 
 
 if __name__ == "__main__":

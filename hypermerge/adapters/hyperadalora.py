@@ -11,8 +11,12 @@ tensors (``retain_grad``) and the value regenerated after the optimizer step (PE
 updated parameter with the gradient that updated it; one extra generation without gradients per
 step). For λ the gradient is taken after the mask and the value before it: ``|λ_gen · ∂L/∂λ_used|``
 is the first-order effect of switching a component on or off, so a pruned component can still win
-its place back while the budget falls. The mask itself is a
-hard mask on the generated Λ (the hypernetwork gets no gradient through pruned outputs).
+its place back while the budget falls. The mask is a hard mask on the generated Λ (the
+hypernetwork gets no gradient through pruned outputs). With ``hyper_prune_reset`` (the default)
+pruning behaves like AdaLoRA's truncation, which zeroes a pruned λ: at every masking the λ offset
+of each masked component absorbs its generated value, so its λ restarts at 0 and only drifts from
+there (through the shared weights), instead of keeping a large generated value behind the mask that
+inflates its importance score and lets it flip back in.
 
 Once allocation is final the hypernetwork's heads run on kept components only (the encoder still
 sees every token, so the kept values do not change). Checkpoints hold the materialised, pruned
@@ -36,6 +40,7 @@ from hypermerge.adapters.adalora import (
     AdaLoRALayer,
     AllocatorState,
     check_total_steps,
+    current_config,
 )
 from hypermerge.adapters.hypernetwork import (
     ComponentHypernetwork,
@@ -56,6 +61,14 @@ class HyperAdaLoRAConfig(AdaLoRAConfig):
     hyper_depth: number of encoder blocks (self-attention + MLP); 0 gives independent tokens and
         shared heads only.
     hyper_heads: attention heads (must divide hyper_dim).
+    hyper_matrix_rank: rank k of a per-matrix correction to the shared P and Q heads (0: none).
+    hyper_lambda_init: "offset" (the λ head starts random, its initial output subtracted as a
+        fixed offset, so the task gradient reaches the encoder at step 1) or "zero" (the λ head
+        starts at zero).
+    hyper_prune_reset: a pruned component's λ restarts at 0, as in AdaLoRA (its offset absorbs
+        the generated value at every masking); False leaves the generated value behind the mask.
+    hyper_lr_multiplier: ``hypermerge train`` trains the hypernetwork at this multiple of the
+        learning rate (other trained modules, such as a new classifier head, at the rate itself).
     """
 
     method = "hyperadalora"
@@ -63,9 +76,24 @@ class HyperAdaLoRAConfig(AdaLoRAConfig):
     hyper_dim: int = 64
     hyper_depth: int = 2
     hyper_heads: int = 4
+    hyper_matrix_rank: int = 4
+    hyper_lambda_init: str = "offset"
+    hyper_prune_reset: bool = True
+    hyper_lr_multiplier: float = 1.0
 
     def problems(self) -> list[str]:
-        return super().problems() + hyper_problems(self)
+        problems = super().problems() + hyper_problems(self)
+        rank = self.hyper_matrix_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            problems.append(f"hyper_matrix_rank must be a non-negative integer, got {rank!r}")
+        if self.hyper_lambda_init not in ("offset", "zero"):
+            problems.append(f"hyper_lambda_init must be 'offset' or 'zero', got {self.hyper_lambda_init!r}")
+        if not isinstance(self.hyper_prune_reset, bool):
+            problems.append(f"hyper_prune_reset must be true or false, got {self.hyper_prune_reset!r}")
+        multiplier = self.hyper_lr_multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier <= 0:
+            problems.append(f"hyper_lr_multiplier must be a positive number, got {multiplier!r}")
+        return problems
 
 
 class HyperAdaLoRALayer(HyperLayerMixin, AdaLoRALayer):
@@ -133,22 +161,36 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
         net = cls.hypernetwork(model)
         gen = net.generated()
         total = None
-        for kind, same in enumerate(net.block_masks()):
+        for kind, (same, ids) in enumerate(zip(net.block_masks(), net.block_ids(), strict=True)):
+            matrices = int(ids.max()) + 1 if ids.numel() else 0
             for stacked in (gen.cols[kind], gen.rows[kind]):
                 # Row j of ``stacked`` is P's column j (or Q's row j) of some matrix: the diagonal
                 # blocks of stacked · stackedᵀ are every matrix's PᵀP (QQᵀ), in one product.
                 gram = stacked @ stacked.t()
                 eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-                term = ((gram - eye) * same).pow(2).sum()
+                row_squares = ((gram - eye) * same).pow(2).sum(1)
+                per_matrix = torch.zeros(matrices, device=gram.device, dtype=gram.dtype).index_add(0, ids, row_squares)
+                # ‖·‖_F per matrix, averaged as AdaLoRA's (PEFT's) regulariser; the clamp keeps
+                # the gradient finite for an exactly orthonormal matrix
+                term = per_matrix.clamp_min(1e-20).sqrt().sum()
                 total = term if total is None else total + term
         return config.orth_reg_weight * total / (2 * len(layers))
 
     @classmethod
-    def allocate_ranks(cls, model, layers, step) -> None:
-        from hypermerge.adapters.adalora import _current_config
+    def learning_rate_multipliers(cls, model: nn.Module) -> dict[str, float]:
+        """Parameter name prefix -> learning-rate multiplier (``hyper_lr_multiplier``)."""
+        config = current_config(model, [])
+        return {f"{cls.attr()}.": float(config.hyper_lr_multiplier)}
 
+    @classmethod
+    def restore_allocation(cls, model, layers, final) -> None:
+        # The mask and the shrunk state travel with the hypernetwork (load_model_tensors).
+        return None
+
+    @classmethod
+    def allocate_ranks(cls, model, layers, step) -> None:
         step = ra.check_step(step)
-        config = _current_config(model, list(layers.values()))
+        config = current_config(model, list(layers.values()))
         total_steps = check_total_steps(config)
         state = AllocatorState.of(model, config)
         net: ComponentHypernetwork = cls.hypernetwork(model)
@@ -179,8 +221,12 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
         if phase in (ra.MASK, ra.FINAL) and budget < present:
             keeps = ra.keep_masks(state.ema.triplet_scores(p_reduce_dim=1), budget)
             with torch.no_grad():
-                for (start, stop), keep in zip(net.kind_bounds, keeps, strict=True):
+                for kind, ((start, stop), keep) in enumerate(zip(net.kind_bounds, keeps, strict=True)):
                     net.mask[start:stop] = keep
+                    if config.hyper_prune_reset and phase == ra.MASK:
+                        # AdaLoRA's truncation zeroes every masked λ: move the offset so the
+                        # generated λ of a masked component is 0 now and only drifts from there
+                        net.lambda_offset[start:stop] += fresh.raw_scalars[kind] * ~keep
             net.invalidate()  # the mask changes what the layers get
         if phase == ra.FINAL:
             state.final = True

@@ -6,9 +6,9 @@ an attention-based hypernetwork. The paper publishes no code; this is our design
     token[m, i] = t[m, i] + E_layer[layer(m)] + E_type[type(m)] + E_rank[i]      (d,) per (matrix m, component i)
     H = LN(Encoder(tokens))                     depth x pre-LN blocks: multi-head self-attention over ALL
                                                 n·r tokens at once, then a GELU MLP (d -> 2d -> d)
-    P[:, i] = Head_P[type](H[m, i])             (out,)  one linear head per module type
-    Q[i, :] = Head_Q[type](H[m, i])             (in,)
-    λ_i     = Head_λ[type](H[m, i])             scalar (HyperAdaLoRA only)
+    P[:, i] = Head_P[type](H[m, i]) + U_m V_m H[m, i] / sqrt(k)    (out,)  one linear head per module type,
+    Q[i, :] = Head_Q[type](H[m, i]) + U'_m V'_m H[m, i] / sqrt(k)  (in,)   plus a rank-k correction per matrix
+    λ_i     = Head_λ[type](H[m, i]) − offset[m, i]                 scalar (HyperAdaLoRA only)
 
 * ``type`` is the module's place in its block (``self_attn.q_proj``, ``mlp.down_proj``) plus its
   shape; ``layer`` is the block index. Attention lets rank components, matrices and layers share
@@ -19,8 +19,17 @@ an attention-based hypernetwork. The paper publishes no code; this is our design
   For all-MiniLM-L6-v2 (n = 36, K = 6, r = 12, d = 64, depth 2): 27,648 + 1,536 + 67,072 + 442,752
   = 539,008 values, against AdaLoRA's 498,096 at init_r = 12. The heads dominate and do not grow
   with the number of layers: for a 32-layer model the count grows by the tokens only.
-* Identity at init: the λ head (HyperAdaLoRA) or the column head (HyperLoRA, where it makes B)
-  starts at zero, the other heads give N(0, 0.02)-sized factors like AdaLoRA's initialisation.
+* Per-matrix capacity (``matrix_rank`` k, HyperAdaLoRA's ``hyper_matrix_rank``): a shared linear
+  head puts every P column of every matrix of a kind into one subspace of at most d directions
+  (MiniLM needs 6 x 12 = 72 per kind at init_r 12, SmolLM2 360). The correction U_m V_m (U_m out x k,
+  starting at zero, V_m k x d) lets each matrix add k directions of its own while the heads,
+  the encoder and the tokens stay shared: k·(2d + out + in) values per matrix.
+* Identity at init: the column head (HyperLoRA, where it makes B) starts at zero; HyperAdaLoRA's λ
+  head either starts at zero ("zero") or starts like the other heads with its initial output
+  subtracted as a fixed offset ("offset", the default): λ = 0 either way, but only with the offset
+  does the task gradient on λ reach the encoder and the tokens at step 1 (with a zero head they
+  get only the regulariser's gradient until the head has moved). The offset also implements
+  AdaLoRA's pruning: see ``HyperAdaLoRA.allocate_ranks``.
 * Readout 1/sqrt(d): the heads' outputs are multiplied by 1/sqrt(d) (weights start at 0.02), so
   one Adam step moves a generated value by up to ~sqrt(d)·lr, shared by every matrix of a kind.
   Measured variants (benchmarks/RESULTS.md): 1/d (steps of ~lr, like AdaLoRA's parameters) stayed
@@ -127,10 +136,16 @@ class ComponentHypernetwork(nn.Module):
         dim, depth, heads: width, number of encoder blocks, attention heads.
         scalar: generate a scalar per component (HyperAdaLoRA's λ).
         zero_head: "scalar" or "cols": which head starts at zero (so the adapter starts as the identity).
+        matrix_rank: k > 0 adds a per-matrix low-rank correction to the column and row heads
+            (``U_m V_m h``, U_m out x k starting at zero, V_m k x d), so each matrix's factors can
+            leave the d-dimensional subspace its kind's shared head spans.
+        lambda_init: "zero" (the scalar head starts at zero) or "offset" (the scalar head starts
+            like the others and its initial output is subtracted as a fixed offset: λ is still 0
+            at init, but the task gradient on λ reaches the encoder and the tokens at step 1).
     """
 
     def __init__(self, specs: list[MatrixSpec], rank: int, *, dim: int, depth: int, heads: int, scalar: bool,
-                 zero_head: str):
+                 zero_head: str, matrix_rank: int = 0, lambda_init: str = "zero"):
         super().__init__()
         self.specs = list(specs)
         self.rank = rank
@@ -178,11 +193,25 @@ class ComponentHypernetwork(nn.Module):
         self.col_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in out_dims)
         self.row_heads = nn.ModuleList(nn.Linear(dim, d, bias=False) for d in in_dims)
         self.scalar_heads = nn.ModuleList(nn.Linear(dim, 1, bias=False) for _ in self.kinds) if scalar else None
+        self.matrix_rank = matrix_rank
+        kind_sizes = [sum(1 for s in specs if s.kind == k) for k in self.kinds]
+        if matrix_rank:
+            # (M_k, k, d) down and (M_k, out|in, k) up per kind; up starts at zero (nothing changes at init)
+            self.col_down = nn.ParameterList(nn.Parameter(torch.randn(m, matrix_rank, dim) / math.sqrt(dim))
+                                             for m in kind_sizes)
+            self.col_up = nn.ParameterList(nn.Parameter(torch.zeros(m, d, matrix_rank))
+                                           for m, d in zip(kind_sizes, out_dims, strict=True))
+            self.row_down = nn.ParameterList(nn.Parameter(torch.randn(m, matrix_rank, dim) / math.sqrt(dim))
+                                             for m in kind_sizes)
+            self.row_up = nn.ParameterList(nn.Parameter(torch.zeros(m, d, matrix_rank))
+                                           for m, d in zip(kind_sizes, in_dims, strict=True))
+        offset_lambda = scalar and zero_head == "scalar" and lambda_init == "offset"
         with torch.no_grad():
-            for head in [*self.col_heads, *self.row_heads]:
+            for head in [*self.col_heads, *self.row_heads, *(self.scalar_heads or [])]:
                 nn.init.normal_(head.weight, std=INIT_STD)
-            for head in self.scalar_heads if zero_head == "scalar" else self.col_heads:
-                nn.init.zeros_(head.weight)
+            if not offset_lambda:
+                for head in self.scalar_heads if zero_head == "scalar" else self.col_heads:
+                    nn.init.zeros_(head.weight)
         # Keep-mask over tokens (rank allocation); True = kept. ``shrunk`` once allocation is final:
         # heads then run on kept tokens only and matrices get only their kept components.
         self.register_buffer("mask", torch.ones(n_tokens, dtype=torch.bool))
@@ -190,6 +219,14 @@ class ComponentHypernetwork(nn.Module):
         self._shrunk_slices: list[tuple[int, int, int]] | None = None
         self.track_grads = False  # retain gradients of generated tensors (the allocator reads them)
         self._cache: Generated | None = None
+        if scalar:
+            # λ = Head_λ(h)·readout − offset. The offset is the initial output ("offset" init) and
+            # is moved when a component is pruned so that its λ restarts at 0, as AdaLoRA zeroes
+            # a pruned λ (see HyperAdaLoRA.allocate_ranks).
+            self.register_buffer("lambda_offset", torch.zeros(n_tokens))
+            if offset_lambda:
+                with torch.no_grad():
+                    self.lambda_offset.copy_(self._raw_lambda(self.encode()))
 
     def __getstate__(self) -> dict:
         # The cache may hold tensors of a live autograd graph, which can be neither pickled nor
@@ -226,18 +263,37 @@ class ComponentHypernetwork(nn.Module):
         self._cache.carried = carried
         return self._cache
 
+    def _raw_lambda(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every token's λ head output (before the offset), all kinds concatenated: (n·r,)."""
+        return torch.cat([self.scalar_heads[kind](hidden[start:stop]).squeeze(-1) * self.readout
+                          for kind, (start, stop) in enumerate(self.kind_bounds)])
+
+    def _correction(self, kind: int, hidden: torch.Tensor, down: nn.ParameterList,
+                    up: nn.ParameterList) -> torch.Tensor:
+        """The per-matrix low-rank term U_m V_m h for every token of a kind: (R_k, out|in)."""
+        count = down[kind].shape[0]
+        h = hidden.view(count, self.rank, -1)  # tokens of a kind are stored matrix by matrix
+        z = h @ down[kind].transpose(1, 2)  # (M_k, r, k)
+        return (z @ up[kind].transpose(1, 2)).reshape(count * self.rank, -1) / math.sqrt(self.matrix_rank)
+
     def _generate(self, grad: bool, versions: tuple) -> Generated:
         hidden = self.encode()
         cols, rows, scalars, raw_scalars = [], [], [], []
         for kind, (start, stop) in enumerate(self.kind_bounds):
-            h = hidden[start:stop]
+            h_all = hidden[start:stop]
             keep = self.mask[start:stop]
-            if self.shrunk:
-                h = h[keep]
-            cols.append(self.col_heads[kind](h) * self.readout)
-            rows.append(self.row_heads[kind](h) * self.readout)
+            h = h_all[keep] if self.shrunk else h_all
+            col, row = self.col_heads[kind](h), self.row_heads[kind](h)
+            if self.matrix_rank:
+                col_fix = self._correction(kind, h_all, self.col_down, self.col_up)
+                row_fix = self._correction(kind, h_all, self.row_down, self.row_up)
+                col = col + (col_fix[keep] if self.shrunk else col_fix)
+                row = row + (row_fix[keep] if self.shrunk else row_fix)
+            cols.append(col * self.readout)
+            rows.append(row * self.readout)
             if self.scalar_heads is not None:
-                raw = self.scalar_heads[kind](h).squeeze(-1) * self.readout
+                offset = self.lambda_offset[start:stop]
+                raw = self.scalar_heads[kind](h).squeeze(-1) * self.readout - (offset[keep] if self.shrunk else offset)
                 raw_scalars.append(raw)
                 scalars.append(raw if self.shrunk else raw * keep)
         slices = self._shrunk_slices if self.shrunk else self.matrix_slot
@@ -303,6 +359,14 @@ class ComponentHypernetwork(nn.Module):
                 masks.append((block[:, None] == block[None, :]).float().to(self.tokens.device))
             self._block_masks, self._block_key = masks, key
         return self._block_masks
+
+    def block_ids(self) -> list[torch.Tensor]:
+        """Per kind, (R,) long: the position of each generated row's matrix among its kind's matrices."""
+        ids = []
+        for start, stop in self.kind_bounds:
+            block = torch.arange(stop - start, device=self.mask.device) // self.rank
+            ids.append(block[self.mask[start:stop]] if self.shrunk else block)
+        return ids
 
     def kind_masks(self) -> list[torch.Tensor]:
         return [self.mask[start:stop] for start, stop in self.kind_bounds]
@@ -397,7 +461,8 @@ class HypernetworkMethod:
     def build_hypernetwork(cls, specs: list[MatrixSpec], config: AdapterConfig) -> ComponentHypernetwork:
         return ComponentHypernetwork(specs, getattr(config, cls.rank_field), dim=config.hyper_dim,
                                      depth=config.hyper_depth, heads=config.hyper_heads, scalar=cls.scalar_head,
-                                     zero_head=cls.zero_head)
+                                     zero_head=cls.zero_head, matrix_rank=getattr(config, "hyper_matrix_rank", 0),
+                                     lambda_init=getattr(config, "hyper_lambda_init", "zero"))
 
     @classmethod
     def attr(cls) -> str:
@@ -447,6 +512,9 @@ class HypernetworkMethod:
         net = cls.hypernetwork(model)
         prefix = f"{cls.name}::net."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state and "lambda_offset" not in state and hasattr(net, "lambda_offset"):
+            # written before the λ offset existed: its λ head started at zero, without an offset
+            state["lambda_offset"] = torch.zeros_like(net.lambda_offset)
         if not state:
             raise CheckpointError(f"the checkpoint has no {cls.name} hypernetwork ({prefix}* tensors), which "
                                   "loading it into a model needs", hint="hypermerge fold works without it; to "
@@ -487,7 +555,8 @@ class HypernetworkMethod:
         return cls.hypernetwork(model).parameter_count()
 
 
-def parameter_count_formula(specs: list[MatrixSpec], rank: int, dim: int, depth: int, scalar: bool) -> dict[str, Any]:
+def parameter_count_formula(specs: list[MatrixSpec], rank: int, dim: int, depth: int, scalar: bool,
+                            matrix_rank: int = 0) -> dict[str, Any]:
     """The hypernetwork's parameter count, by part (documented in the module docstring)."""
     kinds = {s.kind: s for s in specs}
     layers = {s.layer for s in specs}
@@ -496,6 +565,7 @@ def parameter_count_formula(specs: list[MatrixSpec], rank: int, dim: int, depth:
         "embeddings": (len(layers) + len(kinds) + rank) * dim,
         "encoder": depth * (8 * dim * dim + 11 * dim) + 2 * dim,
         "heads": sum(dim * (s.out_features + s.in_features + (1 if scalar else 0)) for s in kinds.values()),
+        "matrix_corrections": sum(matrix_rank * (2 * dim + s.out_features + s.in_features) for s in specs),
     }
     parts["total"] = sum(parts.values())
     return parts

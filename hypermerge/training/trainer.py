@@ -44,6 +44,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 import hypermerge.adapters.model as adapter_model
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
+from hypermerge.adapters.adalora import (
+    ALLOCATOR_PREFIX,
+    allocation_final,
+    allocator_state_tensors,
+    restore_allocator_state,
+)
 from hypermerge.adapters.base import AdapterMethod
 from hypermerge.adapters.checkpoint import save_adapter
 from hypermerge.errors import (
@@ -121,6 +127,12 @@ class HypermergeTrainer(transformers.Trainer):
         method = adapter_model.adapter_state(model).method
         self._regularized = _overrides(method, "regularization_loss")
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.adapter_model is not None:
+            apply_lr_multipliers(optimizer, self.adapter_model)
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
@@ -168,6 +180,27 @@ class HypermergeTrainer(transformers.Trainer):
         return None
 
 
+def apply_lr_multipliers(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Move the parameters a method trains at a multiple of the learning rate (HyperAdaLoRA's
+    ``hyper_lr_multiplier``) into their own param groups, before the scheduler reads the rates."""
+    method = adapter_model.adapter_state(model).method
+    multipliers = method.learning_rate_multipliers(model) if hasattr(method, "learning_rate_multipliers") else {}
+    multipliers = {prefix: m for prefix, m in multipliers.items() if m != 1.0}
+    if not multipliers:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in list(optimizer.param_groups):
+        kept, moved = [], {}
+        for param in group["params"]:
+            name = names.get(id(param), "")
+            factor = next((m for prefix, m in multipliers.items() if name.startswith(prefix)), 1.0)
+            (kept if factor == 1.0 else moved.setdefault(factor, [])).append(param)
+        group["params"] = kept
+        for factor, params in moved.items():
+            settings = {k: v for k, v in group.items() if k != "params"}
+            optimizer.add_param_group({**settings, "params": params, "lr": group["lr"] * factor})
+
+
 def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter run needs to resume exactly: trainable parameters, buffers of the
     adapter layers (masks, allocator statistics) and the method's model-level tensors."""
@@ -180,6 +213,7 @@ def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if not name.startswith("base_layer."):
                 tensors[f"{prefix}.{name}"] = buffer
     tensors.update(state.method.model_tensors(model))
+    tensors.update(allocator_state_tensors(model))
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
@@ -195,9 +229,11 @@ def load_training_state(model: nn.Module, path: Path) -> None:
     state = adapter_model.adapter_state(model)
     prefix = f"{state.method.name}::"
     model_level = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-    expected = set(training_state(model))
+    # the allocator's averages exist only once it has run: not part of the key check
+    allocator = {k: v for k, v in tensors.items() if k.startswith(ALLOCATOR_PREFIX)}
+    expected = {k for k in training_state(model) if not k.startswith(ALLOCATOR_PREFIX)}
     missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
+    unexpected = sorted(set(tensors) - expected - set(allocator))
     if missing or unexpected:
         raise CheckpointError(f"the training state does not fit this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})", path=path,
@@ -205,7 +241,7 @@ def load_training_state(model: nn.Module, path: Path) -> None:
     current = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if name in model_level:
+            if name in model_level or name in allocator:
                 continue
             target = current[name]
             if tuple(target.shape) != tuple(tensor.shape):
@@ -215,6 +251,8 @@ def load_training_state(model: nn.Module, path: Path) -> None:
             target.copy_(tensor.to(target.dtype))
     if model_level:
         state.method.load_model_tensors(model, model_level)
+    if allocator:
+        restore_allocator_state(model, allocator)
 
 
 # -- callbacks -------------------------------------------------------------------------------
@@ -228,10 +266,11 @@ class RankAllocationCallback(TrainerCallback):
         self.budget = budget
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        # state.global_step is not yet incremented: the 0-based index of the step just taken,
-        # as in PEFT's update_and_allocate(global_step).
-        adapter_model.allocate_ranks(self.model, state.global_step)
-        self.budget.append([state.global_step + 1, int(sum(adapter_model.rank_pattern(self.model).values()))])
+        # The Trainer increments state.global_step after this callback; allocate_ranks counts the
+        # steps taken, the one just taken included (1 after the first): global_step + 1.
+        step = state.global_step + 1
+        adapter_model.allocate_ranks(self.model, step)
+        self.budget.append([step, int(sum(adapter_model.rank_pattern(self.model).values()))])
 
 
 class StepTimer(TrainerCallback):
@@ -722,4 +761,5 @@ def _metrics(trainer: HypermergeTrainer, recipe: Recipe, *, base: Path, trainabl
     if rank_pattern or rank_budget:
         metrics["rank_pattern"] = rank_pattern
         metrics["rank_budget"] = rank_budget
+        metrics["rank_allocation_final"] = allocation_final(trainer.adapter_model)
     return metrics

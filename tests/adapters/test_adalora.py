@@ -193,15 +193,64 @@ def test_mid_schedule_checkpoint_holds_the_kept_ranks_and_folds_exactly(tmp_path
     assert 1 * 8 < sum(hm.rank_pattern(model).values()) < 4 * 8
 
 
-def test_orthogonality_loss_is_the_papers_formula():
+def test_orthogonality_loss_is_peft_s_formula():
+    """Mean over the 2n matrices of the unsquared Frobenius norms, as PEFT's AdaLoraModel computes it."""
     model = hm.inject(tiny_model("llama"), hm.AdaLoRAConfig(init_r=3, target_r=2, orth_reg_weight=0.3))
     layers = list(hm.adapter_layers(model).values())
     eye = torch.eye(3)
-    expected = sum(((layer.P.T @ layer.P - eye) ** 2).sum() + ((layer.Q @ layer.Q.T - eye) ** 2).sum()
+    expected = sum(torch.norm(layer.P.T @ layer.P - eye, p="fro") + torch.norm(layer.Q @ layer.Q.T - eye, p="fro")
                    for layer in layers) / (2 * len(layers))
     torch.testing.assert_close(hm.regularization_loss(model), 0.3 * expected)
     assert float(hm.regularization_loss(hm.inject(tiny_model("llama"), hm.LoRAConfig()))) == 0.0
     assert float(hm.regularization_loss(hm.inject(tiny_model("llama"), hm.AdaLoRAConfig(orth_reg_weight=0)))) == 0.0
+
+
+def test_training_loss_with_the_regulariser_equals_peft():
+    """Fed the same parameters, gradients and steps through a whole schedule (masking, final
+    allocation, steps at the final ranks): our loss + hm.regularization_loss equals PEFT's
+    AdaLoraModel loss, and its gradients equal PEFT's."""
+    schedule = dict(init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1, total_steps=12)
+    torch.manual_seed(0)
+    peft_model = _peft_adalora(tiny_model("llama"), **schedule)
+    ours = hm.inject(tiny_model("llama"), hm.AdaLoRAConfig(alpha=8, orth_reg_weight=0.5, **schedule))
+    assert peft_model.peft_config["default"].orth_reg_weight == 0.5  # PEFT's default, and ours
+    peft_triplets = _peft_triplets(peft_model)
+    layers = hm.adapter_layers(ours)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    generator = torch.Generator().manual_seed(0)
+    peft_model.train(), ours.train()
+    for step in range(1, schedule["total_steps"] + 1):
+        with torch.no_grad():
+            for name, (B, E, A) in peft_triplets.items():
+                layer = layers[name]
+                for ours_param, theirs in ((layer.P, B), (layer.lam, E), (layer.Q, A)):
+                    ours_param.copy_(theirs.reshape(ours_param.shape))
+                    ours_param.grad = None
+        ids = torch.randint(0, 128, (2, 12), generator=generator)
+        # AdaLoraModel.forward adds the regulariser (the generic PeftModel wrapper bypasses it)
+        peft_loss = peft_model.base_model(input_ids=ids, labels=ids).loss
+        our_loss = ours(input_ids=ids, labels=ids).loss + hm.regularization_loss(ours)
+        # PEFT scales the update by alpha / (init_r + 1e-5), we by alpha / init_r
+        torch.testing.assert_close(our_loss, peft_loss, rtol=2e-6, atol=0, msg=f"step {step}")
+        peft_loss.backward()
+        our_loss.backward()
+        for name, (B, E, A) in peft_triplets.items():
+            layer = layers[name]
+            kept = layer.rank_mask  # PEFT zeroes masked λ; our masked λ get the unmasked gradient
+            torch.testing.assert_close(layer.P.grad[:, kept], B.grad[:, kept], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(layer.Q.grad[kept], A.grad[kept], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(layer.lam.grad[kept], E.grad.view(-1)[kept], rtol=1e-4, atol=1e-7)
+        optimizer.step()
+        with torch.no_grad():
+            for name, (B, E, A) in peft_triplets.items():
+                layer = layers[name]
+                for ours_param, theirs in ((layer.P, B), (layer.lam, E), (layer.Q, A)):
+                    ours_param.copy_(theirs.reshape(ours_param.shape))
+                    ours_param.grad = theirs.grad.reshape(ours_param.shape).clone()
+        peft_model.base_model.update_and_allocate(step)
+        hm.allocate_ranks(ours, step)
+        optimizer.zero_grad()
+    assert sum(hm.rank_pattern(ours).values()) == 2 * len(layers)
 
 
 def test_ties_keep_exactly_the_budget():

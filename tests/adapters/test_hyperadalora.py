@@ -149,7 +149,8 @@ def test_orthogonality_loss_equals_the_per_matrix_formula():
     expected = 0
     for index in range(len(layers)):
         P, Q, _lam = net.factors(index)
-        expected = expected + ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
+        # AdaLoRA's (PEFT's) form: unsquared Frobenius norms, averaged over the 2n matrices
+        expected = expected + torch.norm(P.T @ P - eye, p="fro") + torch.norm(Q @ Q.T - eye, p="fro")
     torch.testing.assert_close(hm.regularization_loss(model), 0.5 * expected / (2 * len(layers)))
 
 
@@ -217,7 +218,8 @@ def test_only_the_hypernetwork_trains_and_its_size_is_the_documented_formula(met
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(f"{method}_hypernetwork.") for n in trainable)
     specs = [matrix_spec(name, layer.out_features, layer.in_features) for name, layer in hm.adapter_layers(model).items()]
-    formula = parameter_count_formula(specs, 4, 16, 2, scalar=method == "hyperadalora")
+    formula = parameter_count_formula(specs, 4, 16, 2, scalar=method == "hyperadalora",
+                                      matrix_rank=config.hyper_matrix_rank if method == "hyperadalora" else 0)
     assert hm.trainable_parameters(model) == formula["total"]
     assert len({s.kind for s in specs}) == 7 and len({s.layer for s in specs}) == 2
 
@@ -230,6 +232,8 @@ def test_minilm_sized_hypernetwork_matches_the_documented_count():
               "intermediate.dense": (1536, 384), "output.dense": (384, 1536)}
     specs = [matrix_spec(f"encoder.layer.{i}.{name}.weight", *shape) for i in range(6) for name, shape in shapes.items()]
     assert parameter_count_formula(specs, 12, 64, 2, scalar=True)["total"] == 539_008
+    # the default per-matrix correction of rank 4: 4 x (2·64 + out + in) per matrix
+    assert parameter_count_formula(specs, 12, 64, 2, scalar=True, matrix_rank=4)["total"] == 723_328
 
 
 def test_hyper_configs_validate_their_sizes():
@@ -266,3 +270,53 @@ def test_a_model_mid_step_can_be_deep_copied():
     assert loss.requires_grad
     torch.testing.assert_close(model_output(twin, sample_inputs()), model_output(model, sample_inputs()))
     assert _net(twin) is hm.adapter_layers(twin)[next(iter(hm.adapter_layers(twin)))].hypernetwork
+
+
+@pytest.mark.parametrize("lambda_init", ["offset", "zero"])
+def test_lambda_offset_starts_as_the_identity_and_lets_the_task_gradient_reach_the_encoder(lambda_init):
+    base = tiny_model("bert")
+    expected = model_output(base, sample_inputs())
+    model = hm.inject(base, hm.HyperAdaLoRAConfig(init_r=4, target_r=2, hyper_lambda_init=lambda_init, **SMALL))
+    torch.testing.assert_close(model_output(model, sample_inputs()), expected, rtol=0, atol=0)
+    net = _net(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()  # the task loss alone
+    reaches = float(net.tokens.grad.abs().sum()) > 0 and float(net.blocks[0].qkv.weight.grad.abs().sum()) > 0
+    assert reaches == (lambda_init == "offset")
+    assert float(net.scalar_heads[0].weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_pruned_lambda_restarts_at_zero_as_in_adalora(reset):
+    model = hm.inject(tiny_model("llama"), hm.HyperAdaLoRAConfig(init_r=4, target_r=2, tinit=0, tfinal=3, delta_t=1,
+                                                                 total_steps=8, hyper_prune_reset=reset, **SMALL))
+    net = _net(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(1, 4):
+        _step(model, generator)
+        optimizer.step()
+        hm.allocate_ranks(model, step)
+        optimizer.zero_grad()
+    with torch.no_grad():
+        gen = net.generated()
+        behind_mask = torch.cat([raw[~keep] for raw, keep in zip(gen.raw_scalars, net.kind_masks(), strict=True)])
+    assert behind_mask.numel() > 0
+    # λ of a pruned component (before the mask): 0 right after the masking with the reset, its
+    # generated value drifting on behind the mask without it
+    assert (float(behind_mask.abs().max()) < 1e-6) == reset
+
+
+def test_the_hypernetwork_trains_at_its_learning_rate_multiple():
+    from hypermerge.training.trainer import apply_lr_multipliers
+
+    model = hm.inject(tiny_model("bert"), hm.HyperAdaLoRAConfig(init_r=4, target_r=2, hyper_lr_multiplier=3.0,
+                                                                modules_to_save=["classifier"], **SMALL))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": trainable, "weight_decay": 0.0}], lr=1e-3)
+    apply_lr_multipliers(optimizer, model)
+    net_ids = {id(p) for p in _net(model).parameters()}
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    assert by_lr == {1e-3: {id(p) for p in model.classifier.parameters()}, 3e-3: net_ids}

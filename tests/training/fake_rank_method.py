@@ -2,7 +2,7 @@
 trainer's rank-allocation glue is covered before AdaLoRA / HyperAdaLoRA land.
 
 ``y = W x + P (E ⊙ mask ⊙ (Q x))``: an SVD-like update whose ranks are pruned on a linear
-budget schedule from ``r`` to ``target_r`` per matrix over ``total_steps``, by an EMA of
+budget schedule from ``r`` to ``target_r`` per matrix, reached at step ``total_steps``, by an EMA of
 ``|E · ∇E|`` kept in a buffer (so resume must restore it). It records every call the trainer
 makes, so tests can check when and how often it is called.
 """
@@ -96,7 +96,7 @@ class FakeRank(AdapterMethod):
                 if layer.E.grad is not None:
                     layer.score.mul_(0.8).add_(0.2 * (layer.E * layer.E.grad).abs() + 1e-6 * layer.E.grad.abs())
             start, end = config.r * len(layers), config.target_r * len(layers)
-            budget = round(start - (start - end) * min(step / (config.total_steps - 1), 1.0))
+            budget = round(start - (start - end) * min(step / config.total_steps, 1.0))
             scores = torch.cat([layer.score for layer in layers.values()])
             keep = torch.zeros_like(scores)
             keep[torch.argsort(scores, descending=True, stable=True)[:budget]] = 1.0

@@ -31,14 +31,15 @@ def test_allocation_runs_after_each_optimizer_step_before_zero_grad(fake_method,
                          save_steps=None)
     result = hm.train(recipe, output_dir=tmp_path / "run", quiet=True)
 
-    assert fake_method.allocations == [(step, True) for step in range(12)]  # gradients still there
+    # steps taken, the one just taken included (1 after the first); gradients still there
+    assert fake_method.allocations == [(step, True) for step in range(1, 13)]
     assert len(fake_method.regularizers) == 2 * 12 + 0  # once per micro-batch (eval adds none)
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["config"]["total_steps"] == 12
     layers = len(config["targets"])
     # linear budget from r=4 to target_r=2 per matrix, recorded after each allocation
     assert [total for _, total in result.metrics["rank_budget"]] == [
-        round(4 * layers - 2 * layers * min(step / 11, 1.0)) for step in range(12)]
+        round(4 * layers - 2 * layers * step / 12) for step in range(1, 13)]
     assert [step for step, _ in result.metrics["rank_budget"]] == list(range(1, 13))
     assert sum(config["rank_pattern"].values()) == 2 * layers == sum(result.metrics["rank_pattern"].values())
     assert (tmp_path / "run" / "plots" / "ranks.png").stat().st_size > 1000

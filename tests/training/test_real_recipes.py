@@ -45,3 +45,27 @@ def test_minilm_sentiment_recipe_trains_and_folds(method, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(dense(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
     assert dense.config.id2label == {0: "negative", 1: "positive"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adalora", "hyperadalora"])
+def test_smollm2_arithmetic_recipe_trains_and_folds(method, tmp_path):
+    """The shipped SmolLM2 rank-allocating recipes, a few steps on the real model: the budget ends at
+    target_r per matrix, and the folded model computes what the adapter does."""
+    result = hm.train(TRAIN_DIR / f"smollm2-arithmetic-{method}.yaml", output_dir=tmp_path / "run", max_steps=6,
+                      overrides=["data.eval_examples=16", "training.batch_size=4", "training.eval_steps=null",
+                                 "training.save_steps=null", "adapter.tinit=1", "adapter.tfinal=2",
+                                 "adapter.delta_t=2"],
+                      quiet=True)
+    metrics = result.metrics
+    ranks = list(metrics["rank_pattern"].values())
+    assert len(ranks) == 210 and sum(ranks) == 8 * 210 and metrics["rank_allocation_final"]
+    assert metrics["eval_loss"] is not None
+
+    hm.fold_checkpoint(result.adapter_dir, tmp_path / "folded")
+    base = Path(metrics["base_model"])
+    ids = torch.tensor([[1, 1780, 314, 3559, 5645, 216, 33, 32, 47, 17, 3556, 42]])
+    adapted = hm.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(base), result.adapter_dir).eval()
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, adapted(ids).logits, rtol=1e-4, atol=2e-4)
