@@ -190,7 +190,8 @@ def export(ctx: click.Context, model_dir: Path, out_dir: Path, profile: str | No
            bf16: bool, no_verify: bool, triton_repo: Path | None, overwrite: bool, quiet: bool, **options) -> None:
     """Export a HF model directory to ONNX (and TensorRT) with a parity certificate and latency report."""
     from hypermerge.errors import ConfigError
-    from hypermerge.export.profiles import export_with_profile
+    from hypermerge.export import export_model
+    from hypermerge.export.profiles import load_profile, profile_record
     from hypermerge.serve.triton import write_triton_repo
 
     if fp16 and bf16:
@@ -202,8 +203,9 @@ def export(ctx: click.Context, model_dir: Path, out_dir: Path, profile: str | No
         given["precision"] = "fp16" if fp16 else "bf16"
     if no_verify:
         given["verify"] = False
-    result = export_with_profile(model_dir, out_dir, profile, given, task=task, overwrite=overwrite,
-                                 progress=not quiet)
+    resolved = load_profile(profile, given)  # every problem of the profile, before anything is loaded
+    result = export_model(model_dir, out_dir, task, **resolved.export_options(), overwrite=overwrite,
+                          progress=not quiet, profile=profile_record(profile, resolved))
     click.echo(f"exported {result.task} to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     click.echo(result.report.markdown())
     if triton_repo is not None:

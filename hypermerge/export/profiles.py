@@ -243,9 +243,16 @@ def export_with_profile(model_dir: str | Path, out: str | Path, profile: str | P
     from hypermerge.export.api import export_model
 
     resolved = load_profile(profile, overrides)
-    recorded = {"name": _profile_name(profile), **resolved.to_dict()}
     return export_model(model_dir, out, task, **resolved.export_options(), overwrite=overwrite, progress=progress,
-                        profile=recorded if profile is not None else None)
+                        profile=profile_record(profile, resolved))
+
+
+def profile_record(profile: str | Path | ExportProfile | Mapping | None,
+                   resolved: ExportProfile) -> dict[str, Any] | None:
+    """What the report keeps of the profile: its name (or file) and resolved options; None without one."""
+    if profile is None:
+        return None
+    return {"name": _profile_name(profile), **resolved.to_dict()}
 
 
 def _profile_name(profile: str | Path | ExportProfile | Mapping | None) -> str | None:

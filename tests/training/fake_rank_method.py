@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,7 @@ class FakeRank(AdapterMethod):
     name = "fakerank"
     config_cls = FakeRankConfig
     layer_cls = FakeRankLayer
+    params = (ParamSpec("P", ("out", "r")), ParamSpec("E", ("r",)), ParamSpec("Q", ("r", "in")))
 
     # What the trainer did, for the tests: (step, every E has a gradient) per allocation, and
     # the regulariser values returned.
