@@ -335,5 +335,10 @@ class AdapterMethod:
         return None
 
     @classmethod
+    def learning_rate_multipliers(cls, model: nn.Module) -> dict[str, float]:
+        """Parameter name prefix -> multiple of the recipe's learning rate (none by default)."""
+        return {}
+
+    @classmethod
     def allocate_ranks(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int) -> None:
         """Called after each optimizer step by rank-allocating methods; a no-op otherwise."""

@@ -184,8 +184,7 @@ def apply_lr_multipliers(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     """Move the parameters a method trains at a multiple of the learning rate (HyperAdaLoRA's
     ``hyper_lr_multiplier``) into their own param groups, before the scheduler reads the rates."""
     method = adapter_model.adapter_state(model).method
-    multipliers = method.learning_rate_multipliers(model) if hasattr(method, "learning_rate_multipliers") else {}
-    multipliers = {prefix: m for prefix, m in multipliers.items() if m != 1.0}
+    multipliers = {prefix: m for prefix, m in method.learning_rate_multipliers(model).items() if m != 1.0}
     if not multipliers:
         return
     names = {id(p): n for n, p in model.named_parameters()}
