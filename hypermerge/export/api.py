@@ -21,14 +21,14 @@ from hypermerge.export import quantize as wq
 from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.adapter_inputs import ScaleInputs, scales_section
 from hypermerge.export.latency import measure
-from hypermerge.export.onnx_export import DEFAULT_OPSET, export_onnx, load_torch_model, wrap
-from hypermerge.export.ort import open_session, session_provider
+from hypermerge.export.onnx_export import DEFAULT_OPSET, export_onnx, hf_tokenizer, load_torch_model, wrap
 from hypermerge.export.parity import TOLERANCES, Tolerance, check_parity, failure_summary
 from hypermerge.export.report import FORMAT, read_report, to_markdown, write_report
 from hypermerge.export.runtime import MODEL_FILE
 from hypermerge.export.tasks import CAUSAL_LM, check_task, detect_task, read_config
 from hypermerge.export.weights_map import read_weights_map, record_weights_map
 from hypermerge.fold.hfdir import copy_model_files
+from hypermerge.runtime.ort import open_session, session_contract, session_provider, session_runner
 
 INT8_FILE = "model.int8.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"  # becomes model.onnx once measured
@@ -92,19 +92,6 @@ def _io_spec(session) -> tuple[list[dict], list[dict]]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _runner(session, contract):
-    names = list(contract.outputs)
-    return lambda feeds: session.run(names, feeds)
-
-
-def _tokenizer(path: Path):
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 class _Stages:
@@ -209,7 +196,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             if scales is not None:
                 scales.write(tmp)
             wrapper, _ = wrap(model, task)
-            tokenizer = _tokenizer(model_dir)
+            tokenizer = hf_tokenizer(model_dir)
             session = open_session(tmp / MODEL_FILE, provider, threads, exact=True)
             inputs, outputs = _io_spec(session)
             report = {"format": FORMAT, "format_version": 1, "hypermerge": __version__, "created_at": _now(),
@@ -222,12 +209,12 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             backend = f"onnxruntime:{session_provider(session)}"
             if verify:
                 stage("parity")
-                report["parity"] = check_parity(_runner(session, contract), model, wrapper, contract, backend=backend,
+                report["parity"] = check_parity(session_runner(session, contract), model, wrapper, contract, backend=backend,
                                                 tolerance=tolerance, new_tokens=new_tokens, tokenizer=tokenizer)
                 if not report["parity"]["passed"]:
                     raise ParityError(f"the ONNX model does not match PyTorch: {failure_summary(report['parity'])}",
                                       path=model_dir, hint="run with --debug, or try another --opset")
-            backends = {"onnxruntime": _runner(session, contract)}
+            backends = {"onnxruntime": session_runner(session, contract)}
             if scales is not None:
                 if verify:
                     stage("adapter inputs")
@@ -243,14 +230,14 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                                                        external_data=report["external_data"])
                 session = open_session(served, provider, threads, exact=True)
                 if verify:
-                    parity = check_parity(_runner(session, contract), model, wrapper, contract, backend=backend,
+                    parity = check_parity(session_runner(session, contract), model, wrapper, contract, backend=backend,
                                           tolerance=tolerance, new_tokens=new_tokens, tokenizer=tokenizer)
                     report["optimize"]["parity"] = parity
                     if not parity["passed"]:
                         raise ParityError(f"--optimize broke parity: {failure_summary(parity)}", path=model_dir,
                                           hint="export without --optimize")
                 report["optimize"]["parity_passed"] = report["optimize"].get("parity", {}).get("passed")
-                backends = {"onnxruntime": _runner(session, contract),
+                backends = {"onnxruntime": session_runner(session, contract),
                             "onnxruntime_unoptimized": backends["onnxruntime"]}
             accuracy = decoder_quant = None
             if quantize and task == CAUSAL_LM:
@@ -263,7 +250,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                 stage("int8")
                 int8, accuracy = _quantize(served, tmp / INT8_FILE, report["external_data"], provider, threads,
                                            contract, wrapper, _vocab(model), tokenizer, task)
-                backends["onnxruntime_int8"] = _runner(int8, contract)
+                backends["onnxruntime_int8"] = session_runner(int8, contract)
             if trt:
                 stage("TensorRT")
                 # TensorRT parses the plain graph: the optimizer's fused ops are onnxruntime-only
@@ -368,7 +355,7 @@ def _weight_only(src: Path, out_dir: Path, scheme: str, config, external_data: b
     """Write the weight-only model beside the fp32 one and measure it (kept or not: decided later)."""
     dst = out_dir / wq.WEIGHT_ONLY_FILES[scheme]
     details = wq.quantize_weight_only(src, dst, config, external_data=external_data)
-    run = _runner(open_session(dst, provider, threads), contract)
+    run = session_runner(open_session(dst, provider, threads), contract)
     quality = wq.measure_decode_quality(scheme, dst, fp32_run, run, details, model=model, wrapper=wrapper,
                                         contract=contract, vocab=_vocab(model), tokenizer=tokenizer,
                                         new_tokens=new_tokens)
@@ -396,7 +383,7 @@ def _quantize(src: Path, dst: Path, external_data: bool, provider: str, threads:
             break
         details = opt.quantize_int8(src, dst, external_data=external_data, keep_fp32=keep)
         session = open_session(dst, provider, threads)
-        accuracy = opt.int8_accuracy(_runner(session, contract), wrapper, contract, vocab, tokenizer)
+        accuracy = opt.int8_accuracy(session_runner(session, contract), wrapper, contract, vocab, tokenizer)
         attempts.append({**details, metric: accuracy[metric]})
         if accuracy[metric] >= bound:
             break
@@ -533,7 +520,7 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
     try:
         stage("loading")
         session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
-        contract = _contract(session)
+        contract = session_contract(session)
         adapters = (report.get("source") or {}).get("adapters") or []
         if adapters:  # a patched export: the reference is the source with those adapters folded in
             from hypermerge.patch.engine import folded_reference
@@ -542,7 +529,7 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         else:
             model = load_torch_model(source_path, contract.task)
         wrapper, _ = wrap(model, contract.task)
-        tokenizer = _tokenizer(export_dir)
+        tokenizer = hf_tokenizer(export_dir)
         inputs, outputs = _io_spec(session)
         sha = weights_sha256(source_path)
         recorded = (report.get("source") or {}).get("weights_sha256")
@@ -555,17 +542,17 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                             **({"weights_changed_since_export": recorded != sha} if recorded else {}),
                             **({"adapters": adapters} if adapters else {})}
         stage("parity")
-        report["parity"] = check_parity(_runner(session, contract), model, wrapper, contract,
+        report["parity"] = check_parity(session_runner(session, contract), model, wrapper, contract,
                                         backend=f"onnxruntime:{session_provider(session)}", tolerance=tolerance,
                                         new_tokens=new_tokens, tokenizer=tokenizer)
-        backends = {"onnxruntime": _runner(session, contract)}
+        backends = {"onnxruntime": session_runner(session, contract)}
         failures = [] if report["parity"]["passed"] else [f"ONNX: {failure_summary(report['parity'])}"]
         accuracy = None
         if has_int8:
             stage(quant_label)
             int8 = open_session(export_dir / quant_file, provider, threads)
-            accuracy = opt.int8_accuracy(_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
-            backends[f"onnxruntime_{quant_label}"] = _runner(int8, contract)
+            accuracy = opt.int8_accuracy(session_runner(int8, contract), wrapper, contract, _vocab(model), tokenizer)
+            backends[f"onnxruntime_{quant_label}"] = session_runner(int8, contract)
         if has_engine:
             stage("TensorRT")
             _verify_engine(export_dir, report, contract, model, wrapper, tokenizer, new_tokens, backends, failures)
@@ -605,14 +592,6 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
                           hint="the source model's weights changed since export: re-export it" if changed else
                           "re-export the model; see report.md for every output")
     return Report(report, export_dir / "report.json")
-
-
-def _contract(session):
-    from hypermerge.export.tasks import contract_from_onnx
-
-    past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
-    return contract_from_onnx([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
-                              past[0] if past else None)
 
 
 def _opset(path: Path) -> int | None:

@@ -130,10 +130,9 @@ def end_to_end(export_dir: Path, certificate: dict, *, task: str, provider: str,
         The parity section with ``passed``, or ``{"passed": None, "why": ...}`` when it cannot run.
     """
     import hypermerge as hm
-    from hypermerge.export.api import _contract, _runner, _tokenizer
-    from hypermerge.export.onnx_export import load_torch_model, wrap
-    from hypermerge.export.ort import open_session, session_provider
+    from hypermerge.export.onnx_export import hf_tokenizer, load_torch_model, wrap
     from hypermerge.export.parity import TOLERANCES, check_parity
+    from hypermerge.runtime.ort import open_session, session_contract, session_provider, session_runner
 
     adapter, base = Path(certificate["adapter"]["path"]), Path(certificate["base"]["path"])
     if not (adapter / "adapter_config.json").is_file():
@@ -153,11 +152,11 @@ def end_to_end(export_dir: Path, certificate: dict, *, task: str, provider: str,
     model.eval()
     wrapper, _ = wrap(model, task)
     session = open_session(export_dir / "model.onnx", provider, threads, exact=True)
-    contract = _contract(session)
+    contract = session_contract(session)
     tolerance = TOLERANCES[FOLD_TOLERANCE.get(str((certificate.get("folded") or {}).get("dtype")), "fp32")]
-    section = check_parity(_runner(session, contract), model, wrapper, contract,
+    section = check_parity(session_runner(session, contract), model, wrapper, contract,
                            backend=f"onnxruntime:{session_provider(session)} vs base+adapter (unfolded, PyTorch)",
-                           tolerance=tolerance, new_tokens=new_tokens, tokenizer=_tokenizer(export_dir))
+                           tolerance=tolerance, new_tokens=new_tokens, tokenizer=hf_tokenizer(export_dir))
     return section
 
 

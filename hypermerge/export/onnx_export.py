@@ -260,3 +260,12 @@ def export_onnx(model: torch.nn.Module, task: str, path: Path, *, opset: int = D
         scales.add_default(program.model)
     program.save(str(path), external_data=external_data)
     return contract
+
+
+def hf_tokenizer(path: Path):
+    """The directory's transformers tokenizer (the PyTorch reference's), or None when it has none."""
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

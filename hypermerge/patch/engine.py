@@ -58,6 +58,7 @@ from hypermerge.fold.base_check import NOT_CHECKED, BaseCheck, check_base
 from hypermerge.fold.engine import FOLD_THREADS, all_finite, fold_tensor, plan_fold
 from hypermerge.fold.hfdir import BaseCheckpoint, update_config
 from hypermerge.fold.safetensors_io import TORCH_DTYPES
+from hypermerge.runtime.ort import session_contract, session_runner
 
 ENGINE_FILE = "model.engine"
 # files of an export that hold the base's weights in another form: a patched copy would be stale
@@ -500,13 +501,13 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
                                   path=source_path if str(source_path) not in ("", ".") else export_dir,
                                   hint="pass --source MODEL_DIR, or --no-verify")
             session = api.open_session(tmp / MODEL_FILE, provider, threads, exact=True)
-            contract = api._contract(session)
+            contract = session_contract(session)
             reference = folded_reference(source_path, contract.task, adapters, weights_map)
-            from hypermerge.export.onnx_export import wrap
+            from hypermerge.export.onnx_export import hf_tokenizer, wrap
 
             wrapper, _ = wrap(reference, contract.task)
-            tokenizer = api._tokenizer(tmp)
-            parity = check_parity(api._runner(session, contract), reference, wrapper, contract,
+            tokenizer = hf_tokenizer(tmp)
+            parity = check_parity(session_runner(session, contract), reference, wrapper, contract,
                                   backend=f"onnxruntime:{api.session_provider(session)}", tolerance=tolerance,
                                   new_tokens=new_tokens, tokenizer=tokenizer)
             del session

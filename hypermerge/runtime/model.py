@@ -27,9 +27,8 @@ from hypermerge.runtime.contract import (
     FEATURE_EXTRACTION,
     SEQUENCE_CLASSIFICATION,
     IOContract,
-    contract_from_onnx,
 )
-from hypermerge.runtime.ort import open_session, session_provider
+from hypermerge.runtime.ort import open_session, session_contract, session_provider
 from hypermerge.runtime.textstream import TextStream, needs_word_holdback
 from hypermerge.runtime.tokenizer import TOKENIZER_FILE, TextTokenizer
 from hypermerge.runtime.weights_map import read_weights_map
@@ -198,9 +197,7 @@ class OnnxModel:
         """
         path = require_dir(path, "exported model directory").absolute()
         session = open_session(path / model_file, provider, threads, session_config=session_config)
-        past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
-        contract = contract_from_onnx([i.name for i in session.get_inputs()],
-                                      [o.name for o in session.get_outputs()], past[0] if past else None)
+        contract = session_contract(session)
         config = {}
         if (path / "config.json").exists():
             try:

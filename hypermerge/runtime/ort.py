@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hypermerge.errors import BackendUnavailableError, ConfigError, ExportError
+from hypermerge.runtime.contract import IOContract, contract_from_onnx
 
 # "auto" tries these in order and takes what this onnxruntime build offers
 AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -90,3 +91,16 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
 def session_provider(session) -> str:
     """The provider a session actually runs on (the first one onnxruntime accepted)."""
     return session.get_providers()[0]
+
+
+def session_contract(session) -> IOContract:
+    """The task contract of a loaded model, read from its input and output names."""
+    past = [i.shape for i in session.get_inputs() if i.name.startswith("past_key_")]
+    return contract_from_onnx([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
+                              past[0] if past else None)
+
+
+def session_runner(session, contract: IOContract):
+    """``feeds -> outputs`` in the contract's output order (what the parity checks call)."""
+    names = list(contract.outputs)
+    return lambda feeds: session.run(names, feeds)
