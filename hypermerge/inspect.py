@@ -8,6 +8,7 @@ from typing import Any
 
 from hypermerge.adapters.checkpoint import read_adapter
 from hypermerge.errors import HypermergeError
+from hypermerge.fold.engine import plan_fold
 from hypermerge.fold.hfdir import open_base
 
 
@@ -17,6 +18,9 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None) -> dict[st
     Args:
         path: the adapter checkpoint directory.
         base: the base model directory (defaults to the recorded one; skipped if absent).
+
+    Raises:
+        HypermergeError: the adapter is damaged, or does not fit the base found (as ``fold`` would refuse it).
     """
     checkpoint = read_adapter(path)
     trainable = checkpoint.trainable_parameters()
@@ -39,6 +43,9 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None) -> dict[st
         except HypermergeError:
             base_checkpoint = None
         if base_checkpoint is not None:
+            # A PEFT adapter records no shapes of its own: only the base can tell that a tensor was
+            # cut or grown, and inspect must not describe as sound what fold would refuse.
+            plan_fold(checkpoint, base_checkpoint)
             base_params = sum(math.prod(shape) for shape in base_checkpoint.shapes.values())
             summary["base_parameters"] = base_params
             summary["trainable_ratio"] = trainable / base_params if base_params else None

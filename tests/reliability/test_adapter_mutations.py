@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from common import TEST_CONFIGS, load_tiny, perturb_adapter, subprocess_env
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import tree_digest
 from safetensors.torch import load_file, save_file
@@ -179,6 +179,9 @@ def check_mutation(world, adapters, tmp_path_factory, method: str, kind: str, pi
 
 @settings(max_examples=30, **SHARED)
 @given(mutation=mutations())
+# Found by the slow suite's 200 examples: a PEFT adapter (no recorded shapes) with a tensor cut along
+# its base dimension, which inspect used to describe as sound.
+@example(mutation=("peft-lora", "reshape", (0, 1)))
 def test_mutated_adapter_is_refused_everywhere(world, adapters, tmp_path_factory, mutation):
     check_mutation(world, adapters, tmp_path_factory, *mutation)
 
