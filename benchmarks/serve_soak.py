@@ -517,7 +517,7 @@ def ensure_tiny_lm_export(path: Path) -> Path:
     """A tiny random Llama with MiniLM's tokenizer (the serve tests' model), exported once."""
     if not (path / "model.onnx").exists():
         import hypermerge as hm
-        from tests.common import save_with_tokenizer
+        from tests.helpers.common import save_with_tokenizer
 
         print(f"exporting a tiny Llama to {path} (once)", flush=True)
         source = save_with_tokenizer("llama", path.with_name(path.name + "-source"))

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from common import load_tiny, model_output, relative_error, sample_inputs, save_tiny, tiny_model
 from safetensors.torch import load_file
 
 import hypermerge as hm
 from hypermerge.adapters import rank_allocation as ra
 from hypermerge.cli import cli
+from tests.helpers.common import load_tiny, model_output, relative_error, sample_inputs, save_tiny, tiny_model
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

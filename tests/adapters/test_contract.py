@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from common import (
+
+import hypermerge as hm
+from hypermerge.adapters.base import AdapterLayer
+from hypermerge.cli import cli
+from tests.helpers.common import (
     ARCHITECTURES,
     TEST_CONFIGS,
     load_tiny,
@@ -15,10 +19,6 @@ from common import (
     sample_inputs,
     save_tiny,
 )
-
-import hypermerge as hm
-from hypermerge.adapters.base import AdapterLayer
-from hypermerge.cli import cli
 
 METHODS = sorted(hm.METHODS)
 
@@ -93,6 +93,6 @@ def test_gradients_reach_only_the_adapter(method):
 
 
 def load_tiny_from_memory(arch):
-    from common import tiny_model
+    from tests.helpers.common import tiny_model
 
     return tiny_model(arch)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from common import TEST_CONFIGS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hypermerge as hm
+from tests.helpers.common import TEST_CONFIGS
 
 
 def _base_layer(kind: str, in_features: int, out_features: int, bias: bool, seed: int) -> nn.Module:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import load_tiny, model_output, relative_error, sample_inputs, save_tiny, tiny_model
 from safetensors.torch import load_file, save_file
 
 import hypermerge as hm
 from hypermerge.adapters.adalora import AllocatorState
 from hypermerge.adapters.hyperadalora import HyperAdaLoRA
 from hypermerge.adapters.hypernetwork import matrix_spec, parameter_count_formula
+from tests.helpers.common import load_tiny, model_output, relative_error, sample_inputs, save_tiny, tiny_model
 
 SMALL = dict(hyper_dim=16, hyper_heads=2)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 import transformers
-from common import tiny_config
 
 import hypermerge as hm
+from tests.helpers.common import tiny_config
 
 
 def test_a_new_head_on_a_headless_base_folds_into_that_classifier(tmp_path):

@@ -13,11 +13,11 @@ import peft
 import pytest
 import torch
 from click.testing import CliRunner
-from common import load_tiny, model_output, sample_inputs, tiny_model
 from safetensors.torch import load_file
 
 import hypermerge as hm
 from hypermerge.cli import cli
+from tests.helpers.common import load_tiny, model_output, sample_inputs, tiny_model
 
 EXACT = dict(rtol=0, atol=0)
 ROUNDING = dict(rtol=2e-6, atol=2e-7)

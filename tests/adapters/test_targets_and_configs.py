@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from common import tiny_model
 
 import hypermerge as hm
 from hypermerge.adapters.targets import match_suffix, select_targets
+from tests.helpers.common import tiny_model
 
 
 def test_default_targets_skip_lm_head_and_embeddings():
@@ -68,10 +68,10 @@ def test_match_suffix_handles_base_model_prefix():
 
 
 def test_modules_to_save_are_trained_and_saved(tmp_path):
-    from common import model_output, perturb_adapter, sample_inputs, save_tiny
+    from tests.helpers.common import model_output, perturb_adapter, sample_inputs, save_tiny
 
     base = save_tiny("bert", tmp_path / "base")
-    from common import load_tiny
+    from tests.helpers.common import load_tiny
 
     model = load_tiny("bert", base)
     hm.inject(model, hm.HyperAdaptConfig(modules_to_save=["classifier"]))
@@ -88,7 +88,8 @@ def test_modules_to_save_are_trained_and_saved(tmp_path):
 
 def test_new_head_on_a_headless_base_folds_into_a_loadable_task_model(tmp_path):
     import transformers
-    from common import model_output, perturb_adapter, sample_inputs, tiny_config
+
+    from tests.helpers.common import model_output, perturb_adapter, sample_inputs, tiny_config
 
     config = tiny_config("bert")
     transformers.BertModel(config).save_pretrained(tmp_path / "base")  # no classifier weights

@@ -1,4 +1,14 @@
-"""The export tests' shared fixtures (helpers live in export_helpers.py: test modules import them
-from there, since every test directory's conftest is named ``conftest``)."""
+"""Fixtures for the export tests."""
 
-from export_helpers import minilm  # noqa: F401 (fixture)
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.common import minilm_dir
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_dir()

@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from common import load_tiny, perturb_adapter, save_tiny
-from export_helpers import FAST
 from safetensors.torch import load_file, save_file
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.export.certificate import CertificateError
+from tests.helpers.common import load_tiny, perturb_adapter, save_tiny
+from tests.helpers.export import FAST
 
 
 def make_chain(root, arch: str) -> dict:

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from common import save_tiny
-from export_helpers import FAST, save_with_tokenizer
 
 import hypermerge as hm
 from hypermerge.export.onnx_export import call_wrapper, load_torch_model, position_ids_for, wrap
 from hypermerge.export.parity import torch_greedy
 from hypermerge.export.runtime import decode
+from tests.helpers.common import save_tiny, save_with_tokenizer
+from tests.helpers.export import FAST
 
 REPORT_KEYS = {"task", "opset", "inputs", "outputs", "parity", "latency"}
 PARITY_KEYS = {"passed", "backend", "shapes", "max_abs_err", "max_rel_err", "outputs", "tolerance",

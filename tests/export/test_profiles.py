@@ -7,11 +7,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from common import save_tiny
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.export.profiles import ExportProfile, load_profile, shipped_profiles
+from tests.helpers.common import save_tiny
 
 SHIPPED = ["ort-cpu-fp32", "ort-cpu-int4-decode", "ort-cpu-int8", "trt-bf16", "trt-fp16"]
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from common import TOKENIZER_FILES, minilm_dir, save_tiny, tiny_config
-from export_helpers import FAST
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.export import quantize as wq
 from hypermerge.export.ort import open_session
 from hypermerge.export.runtime import decode
+from tests.helpers.common import TOKENIZER_FILES, minilm_dir, save_tiny, tiny_config
+from tests.helpers.export import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

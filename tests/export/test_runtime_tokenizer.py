@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-from common import minilm_dir
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hypermerge.errors import ExportError
 from hypermerge.runtime.tokenizer import TextTokenizer
+from tests.helpers.common import minilm_dir
 
 TEXTS = ["Hello world!", "Don't stop me now , I am having such a good time .", "ünïcödé  ✓ 日本語 🙂", "",
          "a much longer sentence " * 20]

@@ -8,11 +8,11 @@ import sys
 import types
 
 import pytest
-from common import save_tiny
 
 import hypermerge as hm
 from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.tasks import IOContract, past_names, present_names
+from tests.helpers.common import save_tiny
 
 CAUSAL = IOContract("causal-lm", ("input_ids", "attention_mask", "position_ids", *past_names(2)),
                     ("logits", *present_names(2)), num_layers=2, kv_heads=3, head_dim=64)
@@ -191,29 +191,23 @@ def test_real_engine_parity(tmp_path, arch, precision):
 
 # -- the stand-ins and hypermerge's TensorRT code against the real API (tensorrt-stubs 10.13) ------
 def _stub_index():
-    from trt_api import StubIndex
+    from tests.helpers.trt_api import StubIndex
 
     return StubIndex.load()
 
 
-def _refit_stand_in(monkeypatch):
-    """test_refit.py's stand-in module (loaded from its file: test directories are not packages)."""
-    import importlib.util
-    from pathlib import Path
+def _refit_stand_in():
+    """The patch tests' refit stand-in module."""
+    from tests.helpers.trt_stand_in import fake_tensorrt
 
-    path = Path(__file__).resolve().parents[1] / "patch" / "test_refit.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # for its patch_helpers import
-    spec = importlib.util.spec_from_file_location("refit_stand_in", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fake_tensorrt(["w"])[0]
+    return fake_tensorrt(["w"])[0]
 
 
-def test_every_name_the_stand_ins_offer_exists_in_tensorrt(monkeypatch):
-    from trt_api import stand_in_problems
+def test_every_name_the_stand_ins_offer_exists_in_tensorrt():
+    from tests.helpers.trt_api import stand_in_problems
 
     index = _stub_index()
-    for stand_in in (fake_tensorrt()[0], _refit_stand_in(monkeypatch)):
+    for stand_in in (fake_tensorrt()[0], _refit_stand_in()):
         problems, checked = stand_in_problems(stand_in, index)
         assert problems == [], problems
         assert checked >= 8  # the check walked the stand-in (module names, classes, returned classes)
@@ -222,7 +216,7 @@ def test_every_name_the_stand_ins_offer_exists_in_tensorrt(monkeypatch):
 def test_every_trt_use_in_hypermerge_exists_in_tensorrt():
     from pathlib import Path
 
-    from trt_api import package_problems
+    from tests.helpers.trt_api import package_problems
 
     index = _stub_index()
     root = Path(hm.__file__).parent
@@ -240,7 +234,7 @@ def test_every_trt_use_in_hypermerge_exists_in_tensorrt():
 
 
 def test_a_renamed_stand_in_attribute_or_api_call_fails_the_check():
-    from trt_api import package_problems, stand_in_problems
+    from tests.helpers.trt_api import package_problems, stand_in_problems
 
     index = _stub_index()
     module, _ = fake_tensorrt()

@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from common import save_tiny, subprocess_env, tiny_model
-from export_helpers import FAST
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.export.parity import Tolerance
+from tests.helpers.cli import assert_one_line_error
+from tests.helpers.common import save_tiny, subprocess_env, tiny_model
+from tests.helpers.export import FAST
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +28,6 @@ def bert_export(tmp_path_factory):
 
 def run(args):
     return CliRunner().invoke(cli, args)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("hypermerge: error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def leftovers(parent):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import TEST_CONFIGS, tiny_model
 
 import hypermerge as hm
 from hypermerge.adapters.model import adapter_state
 from hypermerge.adapters.validation import layer_problem
+from tests.helpers.common import TEST_CONFIGS, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

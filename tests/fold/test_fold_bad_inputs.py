@@ -13,11 +13,19 @@ import peft
 import pytest
 import torch
 from click.testing import CliRunner
-from common import load_tiny, perturb_adapter, save_tiny, subprocess_env, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 import hypermerge as hm
 from hypermerge.cli import cli
+from tests.helpers.cli import assert_one_line_error
+from tests.helpers.common import (
+    load_tiny,
+    perturb_adapter,
+    save_tiny,
+    subprocess_env,
+    tiny_config,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +40,6 @@ def setup(tmp_path_factory):
 
 def fold(*args: str):
     return CliRunner().invoke(cli, ["fold", *args, "-q"])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("hypermerge: error:") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def assert_nothing_left(parent, name="out"):

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from common import load_tiny, perturb_adapter, save_tiny, subprocess_env
 
 import hypermerge as hm
 from hypermerge.cli import cli
+from tests.helpers.cli import assert_one_line_error
+from tests.helpers.common import load_tiny, perturb_adapter, save_tiny, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +27,6 @@ def setup(tmp_path_factory):
 
 def run(args):
     return CliRunner().invoke(cli, args)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("hypermerge: error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_missing_adapter(tmp_path):
@@ -61,7 +52,8 @@ def test_adapter_for_another_base_is_refused(setup, tmp_path):
     other = save_tiny("qwen2", tmp_path / "other")
     # Same names (Llama and Qwen2 share the layout) but Qwen2 adds biases; shapes match, so change sizes:
     import transformers
-    from common import tiny_config
+
+    from tests.helpers.common import tiny_config
 
     config = tiny_config("llama")
     config.intermediate_size = 48

@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import transformers
-from common import load_tiny, perturb_adapter, save_tiny, subprocess_env
 from safetensors.torch import load_file
 
 import hypermerge as hm
+from tests.helpers.common import load_tiny, perturb_adapter, save_tiny, subprocess_env
 
 
 def test_killed_fold_leaves_no_output_and_the_next_run_cleans_up(tmp_path):

@@ -7,7 +7,13 @@ import struct
 
 import pytest
 import torch
-from common import (
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import hypermerge as hm
+from hypermerge.fold.hfdir import open_base
+from hypermerge.fold.safetensors_io import ITEMSIZE, parse_size, read_header
+from tests.helpers.common import (
     ARCHITECTURES,
     TEST_CONFIGS,
     load_tiny,
@@ -16,12 +22,6 @@ from common import (
     sample_inputs,
     save_tiny,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-import hypermerge as hm
-from hypermerge.fold.hfdir import open_base
-from hypermerge.fold.safetensors_io import ITEMSIZE, parse_size, read_header
 
 METHODS = sorted(hm.METHODS)
 

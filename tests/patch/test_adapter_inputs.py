@@ -9,8 +9,11 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
-from common import minilm_dir, perturb_adapter
-from patch_helpers import (
+
+import hypermerge as hm
+from hypermerge.export.adapter_inputs import INPUT_NAME, LAYOUT_FILE, read_layout
+from tests.helpers.common import minilm_dir, perturb_adapter
+from tests.helpers.patch import (
     assert_matches_torch,
     base_model,
     folded_torch,
@@ -18,9 +21,6 @@ from patch_helpers import (
     sample_feeds,
     save_base,
 )
-
-import hypermerge as hm
-from hypermerge.export.adapter_inputs import INPUT_NAME, LAYOUT_FILE, read_layout
 
 PROMPTS = ["the weather today is", "a"]
 

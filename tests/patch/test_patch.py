@@ -11,9 +11,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from common import perturb_adapter
 from onnx import numpy_helper
-from patch_helpers import (
+
+import hypermerge as hm
+from hypermerge.cli import cli
+from hypermerge.export.parity import Tolerance
+from hypermerge.export.weights_map import WEIGHTS_MAP_FILE, read_weights_map
+from tests.helpers.common import perturb_adapter
+from tests.helpers.patch import (
     ARCHS,
     METHODS,
     TASKS,
@@ -24,11 +29,6 @@ from patch_helpers import (
     minilm_dir,
     save_base,
 )
-
-import hypermerge as hm
-from hypermerge.cli import cli
-from hypermerge.export.parity import Tolerance
-from hypermerge.export.weights_map import WEIGHTS_MAP_FILE, read_weights_map
 
 
 def initializers(onnx_dir):

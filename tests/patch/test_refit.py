@@ -9,69 +9,13 @@ import json
 
 import numpy as np
 import pytest
-from patch_helpers import make_adapter, save_base
 
 import hypermerge as hm
 from hypermerge.errors import ExportError
 from hypermerge.export import tensorrt as trt_mod
 from hypermerge.patch.refit import refit_engine
-
-
-class _Weights:
-    def __init__(self, array):
-        self.array = array
-        self.size = array.size
-
-
-def fake_tensorrt(refittable, *, missing=(), refit_ok=True, engine_refittable=True, prototypes=None):
-    calls = {"set": {}, "refit": 0}
-
-    class Engine:
-        refittable = engine_refittable
-
-        def serialize(self):
-            return b"REFITTED:" + ",".join(sorted(calls["set"])).encode()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            calls["engine_bytes"] = data
-            return Engine() if data else None
-
-    class Refitter:
-        def __init__(self, engine, logger):
-            self.pending = set(missing)
-
-        def get_all_weights(self):
-            return list(refittable)
-
-        def get_weights_prototype(self, name):
-            return None if prototypes is None else prototypes[name]
-
-        def set_named_weights(self, name, weights):
-            calls["set"][name] = np.array(weights.array)
-            self.pending.discard(name)
-            return name in refittable
-
-        def get_missing_weights(self):
-            return sorted(self.pending)
-
-        def refit_cuda_engine(self):
-            calls["refit"] += 1
-            return refit_ok
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    module = type("tensorrt", (), {"Runtime": Runtime, "Refitter": Refitter, "Weights": _Weights, "Logger": Logger,
-                                   "nptype": staticmethod(lambda dtype: np.float32), "__version__": "10.fake"})
-    return module, calls
-
+from tests.helpers.patch import make_adapter, save_base
+from tests.helpers.trt_stand_in import Weights, fake_tensorrt
 
 VALUES = {"val_54": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(3, np.float32),
           "fused_with_val_54": np.full(3, 7, np.float32)}
@@ -89,7 +33,7 @@ def test_changed_weights_and_the_ones_tensorrt_asks_for_are_set(tmp_path):
 
 
 def test_prototype_sizes_are_checked(tmp_path):
-    prototypes = {"val_54": _Weights(np.zeros(5, np.float32))}
+    prototypes = {"val_54": Weights(np.zeros(5, np.float32))}
     trt, _ = fake_tensorrt(["val_54"], prototypes=prototypes)
     (tmp_path / "model.engine").write_bytes(b"ENGINE")
     with pytest.raises(ExportError, match="holds 5 values for val_54"):

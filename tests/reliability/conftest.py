@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from reliability_helpers import World, build_world
+
+from tests.helpers.reliability import World, build_world
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,14 @@ import peft
 import pytest
 import torch
 from click.testing import CliRunner
-from common import TEST_CONFIGS, load_tiny, perturb_adapter, subprocess_env
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import tree_digest
 from safetensors.torch import load_file, save_file
 
 import hypermerge as hm
 from hypermerge.cli import cli
+from tests.helpers.common import TEST_CONFIGS, load_tiny, perturb_adapter, subprocess_env
+from tests.helpers.reliability import tree_digest
 
 METHODS = ["hyperadapt", "lora", "dora", "adalora", "ia3", "peft-lora"]
 SHARED = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import World, copy_tree, edit_json, run_cli, temporaries, tree_digest, write_recipe
 from safetensors.torch import load_file, save_file
 
 import hypermerge.training.data as data
+from tests.helpers.reliability import World, copy_tree, edit_json, run_cli, temporaries, tree_digest
+from tests.helpers.training import write_recipe
 
 RANDOM = bytes(range(256)) * 40  # 10 KiB that is no known format
 

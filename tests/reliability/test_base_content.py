@@ -12,18 +12,12 @@ import peft
 import torch
 import transformers
 from click.testing import CliRunner
-from common import load_tiny, perturb_adapter, save_tiny, tiny_config, tiny_model
 
 import hypermerge as hm
 from hypermerge.adapters import base_digest as digests
 from hypermerge.cli import cli
-
-
-def _one_line_error(result) -> str:
-    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("hypermerge: error:"), result.output
-    return lines[0]
+from tests.helpers.cli import assert_one_line_error
+from tests.helpers.common import load_tiny, perturb_adapter, save_tiny, tiny_config, tiny_model
 
 
 def _fold(adapter, base, out, *extra):
@@ -36,7 +30,7 @@ def test_a_qwen2_of_identical_sizes_is_refused_naming_the_weight_and_both_bases(
     torch.manual_seed(0)
     qwen = tmp_path / "qwen2"
     transformers.Qwen2ForCausalLM(tiny_config("qwen2")).save_pretrained(qwen)
-    line = _one_line_error(_fold(world.lora, qwen, tmp_path / "out"))
+    line = assert_one_line_error(_fold(world.lora, qwen, tmp_path / "out"))
     assert "not the one the adapter was trained on" in line
     assert "model.layers.0.self_attn.q_proj.weight holds other values" in line  # the first target
     assert f"base recorded: {world.llama}" in line and f"base given: {qwen}" in line
@@ -46,7 +40,7 @@ def test_a_qwen2_of_identical_sizes_is_refused_naming_the_weight_and_both_bases(
 
 def test_another_checkpoint_of_the_same_architecture_is_refused(world, tmp_path):
     other = save_tiny("llama", tmp_path / "other", seed=1)
-    line = _one_line_error(_fold(world.lora, other, tmp_path / "out"))
+    line = assert_one_line_error(_fold(world.lora, other, tmp_path / "out"))
     assert "holds other values" in line and not (tmp_path / "out").exists()
 
 
@@ -91,7 +85,7 @@ def test_patch_refuses_an_adapter_of_another_base_and_allows_it_when_asked(world
     perturb_adapter(model)
     adapter = hm.save_adapter(model, tmp_path / "adapter", base_model=other)
     args = ["patch", str(world.onnx), "--adapter", str(adapter), "--no-verify", "-q"]
-    line = _one_line_error(CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "p1")]))
+    line = assert_one_line_error(CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "p1")]))
     assert "holds other values" in line and f"base given: {world.onnx}" in line
     assert not (tmp_path / "p1").exists()
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "p2"), "--allow-other-base"])

@@ -5,7 +5,8 @@ traceback."""
 from __future__ import annotations
 
 import pytest
-from reliability_helpers import run_cli
+
+from tests.helpers.reliability import run_cli
 
 
 @pytest.mark.parametrize(("command", "error"), [
@@ -33,7 +34,7 @@ def test_a_bug_keeps_its_traceback_without_debug(tmp_path):
     import subprocess
     import sys
 
-    from common import subprocess_env
+    from tests.helpers.common import subprocess_env
 
     script = ("import sys\nfrom hypermerge import cli\n"
               "def broken(*args, **kwargs):\n    raise ZeroDivisionError('a bug')\n"

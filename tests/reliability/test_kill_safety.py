@@ -20,9 +20,10 @@ from pathlib import Path
 
 import onnx
 import pytest
-from common import subprocess_env
-from reliability_helpers import World, copy_tree, temporaries, tree_digest
 from safetensors.torch import load_file
+
+from tests.helpers.common import subprocess_env
+from tests.helpers.reliability import World, copy_tree, temporaries, tree_digest
 
 # how long after its temporary output appears each command may still be writing (tiny models);
 # a first guess, narrowed or widened as the trials show where the kills land

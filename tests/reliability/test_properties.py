@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from common import TEST_CONFIGS, load_tiny, perturb_adapter, save_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -24,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hypermerge as hm
+from tests.helpers.common import TEST_CONFIGS, load_tiny, perturb_adapter, save_tiny
 
 METHODS = sorted(hm.METHODS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +72,7 @@ def test_fold_equals_forward_in_every_dtype(method, kind, dtype, in_features, ou
 
 
 def save_tiny_in(arch: str, path, dtype: torch.dtype):
-    from common import tiny_model
+    from tests.helpers.common import tiny_model
 
     tiny_model(arch).to(dtype).save_pretrained(path)
     return path

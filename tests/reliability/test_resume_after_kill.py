@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import subprocess_env
-from reliability_helpers import World, write_recipe
 from safetensors.torch import load_file
+
+from tests.helpers.common import subprocess_env
+from tests.helpers.reliability import World
+from tests.helpers.training import write_recipe
 
 ENV = {"OMP_NUM_THREADS": "1"}  # both runs alike: the same kernels, the same rounding
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from common import save_with_tokenizer
-from serving import Server
 
 import hypermerge as hm
+from tests.helpers.common import save_with_tokenizer
+from tests.helpers.serving import Server
 
 TASK_ARCH = {"feature-extraction": "bert-encoder", "sequence-classification": "bert", "causal-lm": "llama"}
 

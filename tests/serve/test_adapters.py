@@ -12,12 +12,12 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from common import TEST_CONFIGS, perturb_adapter, save_with_tokenizer
-from serving import Server
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.export.onnx_export import load_torch_model
+from tests.helpers.common import TEST_CONFIGS, perturb_adapter, save_with_tokenizer
+from tests.helpers.serving import Server
 
 TEXTS = ["A gripping, beautifully acted film.", "short", "The plot never comes together and the jokes fall flat.",
          "Folding adapters into dense weights removes their runtime overhead."]

@@ -11,12 +11,12 @@ import numpy as np
 import openai
 import pytest
 from click.testing import CliRunner
-from serving import Server, ThreadServer, metric
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.serve.app import ServeSettings
 from hypermerge.serve.auth import KeyChecker, bearer_token, collect_api_keys, exposure_warning
+from tests.helpers.serving import Server, ThreadServer, metric
 
 KEY_OPTION, KEY_ENV_1, KEY_ENV_2, KEY_FILE = "sk-opt-0123456789", "sk-env-aaaa", "sk-env-bbbb", "sk-file-zzzz"
 ALL_KEYS = (KEY_OPTION, KEY_ENV_1, KEY_ENV_2, KEY_FILE)

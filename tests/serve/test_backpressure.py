@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from serving import ThreadServer, metric, open_request, wait_until
 
 import hypermerge as hm
 from hypermerge.serve.app import ServeSettings
 from hypermerge.serve.backpressure import Rejected, RequestQueue, Slots, drain_on_signals
 from hypermerge.serve.batching import MicroBatcher, QueueTimeout
+from tests.helpers.serving import ThreadServer, metric, open_request, wait_until
 
 # --- the queue on its own --------------------------------------------------------------------------
 

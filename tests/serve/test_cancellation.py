@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import ThreadServer, metric, open_request, wait_until
 
 import hypermerge as hm
 from hypermerge.serve.app import ServeSettings
+from tests.helpers.serving import ThreadServer, metric, open_request, wait_until
 
 PROMPT = "once upon a time"
 

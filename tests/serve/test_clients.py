@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from common import minilm_dir, save_with_tokenizer
 from sentence_transformers import SentenceTransformer
-from serving import Server
 
 import hypermerge as hm
+from tests.helpers.common import minilm_dir, save_with_tokenizer
+from tests.helpers.serving import Server
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from common import minilm_dir
-from serving import Server
 from transformers import AutoModel, AutoTokenizer
 
 import hypermerge as hm
+from tests.helpers.common import minilm_dir
+from tests.helpers.serving import Server
 
 SENTENCES = ["A gripping, beautifully acted film.", "The plot never comes together.", "short",
              "Folding adapters into dense weights removes their runtime overhead."]

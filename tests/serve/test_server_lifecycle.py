@@ -14,14 +14,14 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from common import subprocess_env
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server
 
 import hypermerge as hm
 from hypermerge.cli import cli
 from hypermerge.serve.app import ServeSettings
 from hypermerge.serve.server import bind
+from tests.helpers.common import subprocess_env
+from tests.helpers.serving import Server
 
 TEXTS = ["first in flight", "second one, a little longer than the first", "third", "fourth text", "fifth"]
 

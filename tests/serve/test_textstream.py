@@ -5,7 +5,6 @@ over tokens; and OnnxModel.stream against OnnxModel.generate."""
 from __future__ import annotations
 
 import pytest
-from common import minilm_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import ByteLevelBPETokenizer
@@ -13,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import hypermerge as hm
 from hypermerge.export.textstream import TextStream, needs_word_holdback
+from tests.helpers.common import minilm_dir
 
 TRICKY = "don't . , ? ! 's 've a b héllo wörld ça 🙂 日本語 ##x"
 

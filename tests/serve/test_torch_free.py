@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from common import subprocess_env
-from serving import Server
 
 import hypermerge as hm
+from tests.helpers.common import subprocess_env
+from tests.helpers.serving import Server
 
 BLOCKER = textwrap.dedent('''\
     # sitecustomize: imports of torch and transformers fail, as where they are not installed

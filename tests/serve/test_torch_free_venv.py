@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from common import REPO_ROOT, minilm_dir, save_with_tokenizer
 from transformers import AutoModelForSequenceClassification
 
 import hypermerge as hm
+from tests.helpers.common import REPO_ROOT, minilm_dir, save_with_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import arithmetic_rows, save_tiny_base, sentiment_rows, write_jsonl
+
+from tests.helpers.training import arithmetic_rows, save_tiny_base, sentiment_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_resume import Interrupt
-from train_helpers import tiny_recipe, write_recipe
 
 import hypermerge as hm
 from hypermerge.cli import cli
+from tests.helpers.training import Interrupt, tiny_recipe, write_recipe
 
-TARGET_R = 2  # train_helpers.ADAPTER_OPTIONS: init_r 4, target_r 2
+TARGET_R = 2  # tests.helpers.training.ADAPTER_OPTIONS: init_r 4, target_r 2
 
 
 def train_cli(recipe: dict, out, *extra: str) -> dict:

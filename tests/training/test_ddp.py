@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-from common import subprocess_env
 from safetensors.torch import load_file
-from train_helpers import tiny_recipe, write_recipe
 
 import hypermerge as hm
+from tests.helpers.common import subprocess_env
+from tests.helpers.training import tiny_recipe, write_recipe
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:

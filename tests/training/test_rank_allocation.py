@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 import transformers
-from fake_rank_method import FakeRank
-from train_helpers import tiny_recipe
 
 import hypermerge as hm
 from hypermerge.adapters import registry
+from tests.helpers.fake_rank_method import FakeRank
+from tests.helpers.training import tiny_recipe
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fake_rank_method import FakeRank
 
 import hypermerge as hm
 from hypermerge.adapters import registry
 from hypermerge.training.recipe import FULL_FINE_TUNE, Recipe, apply_overrides, load_recipe, parse_yaml
+from tests.helpers.fake_rank_method import FakeRank
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "train"
 RECIPES = sorted(TRAIN_DIR.glob("*.yaml"))

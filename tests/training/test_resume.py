@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from fake_rank_method import FakeRank
 from safetensors.torch import load_file
-from train_helpers import tiny_recipe, write_recipe
-from transformers import TrainerCallback
 
 import hypermerge as hm
 from hypermerge.adapters import registry
 from hypermerge.cli import cli
-
-
-class Interrupt(TrainerCallback):
-    """Stops the run at a step, as a Ctrl-C or a killed job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
+from tests.helpers.fake_rank_method import FakeRank
+from tests.helpers.training import Interrupt, tiny_recipe, write_recipe
 
 
 def trained_values(run) -> dict[str, torch.Tensor]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from train_helpers import tiny_recipe, write_recipe
 
 import hypermerge as hm
 from hypermerge.adapters.base import AdapterMethod
 from hypermerge.cli import cli
+from tests.helpers.training import tiny_recipe, write_recipe
 
 METHODS = sorted(hm.METHODS) + ["full"]
 TASKS = ["sequence-classification", "causal-lm"]

@@ -7,24 +7,15 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from common import subprocess_env
-from train_helpers import tiny_recipe, write_jsonl, write_recipe
 
 from hypermerge.cli import cli
+from tests.helpers.cli import assert_one_line_error
+from tests.helpers.common import subprocess_env
+from tests.helpers.training import tiny_recipe, write_jsonl, write_recipe
 
 
 def run(args):
     return CliRunner().invoke(cli, args)
-
-
-def assert_one_line_error(result, exit_code, *fragments):
-    assert result.exit_code == exit_code, result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("hypermerge: error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_invalid_recipe_names_every_bad_key(tiny, tmp_path):
@@ -33,52 +24,53 @@ def test_invalid_recipe_names_every_bad_key(tiny, tmp_path):
     raw["adapter"]["rank"] = 4
     recipe = write_recipe(tmp_path / "bad.yaml", raw)
     result = run(["train", str(recipe), "--output-dir", str(tmp_path / "out")])
-    assert_one_line_error(result, 2, "invalid recipe", "learning_rte", "valid keys are learning_rate",
-                          "unknown hyperadapt option(s) rank", str(recipe))
+    assert_one_line_error(result, "invalid recipe", "learning_rte", "valid keys are learning_rate",
+                          "unknown hyperadapt option(s) rank", str(recipe), exit_code=2)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_overrides_and_missing_files(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny))
-    assert_one_line_error(run(["train", str(tmp_path / "nope.yaml")]), 2, "recipe file not found")
-    assert_one_line_error(run(["train", str(recipe), "--set", "training.lr"]), 2, "is not of the form")
-    assert_one_line_error(run(["train", str(recipe), "--set", "training.batch_size=big"]), 2,
-                          "training.batch_size: expected an integer, got 'big'")
+    assert_one_line_error(run(["train", str(tmp_path / "nope.yaml")]), "recipe file not found", exit_code=2)
+    assert_one_line_error(run(["train", str(recipe), "--set", "training.lr"]), "is not of the form", exit_code=2)
+    assert_one_line_error(run(["train", str(recipe), "--set", "training.batch_size=big"]),
+                          "training.batch_size: expected an integer, got 'big'", exit_code=2)
     missing_data = tiny_recipe(tiny, data={"train": str(tmp_path / "none.jsonl"), "validation": None})
     result = run(["train", str(write_recipe(tmp_path / "m.yaml", missing_data)), "--output-dir", str(tmp_path / "o")])
-    assert_one_line_error(result, 1, "data file not found", "none.jsonl")
+    assert_one_line_error(result, "data file not found", "none.jsonl", exit_code=1)
     missing_model = tiny_recipe(tiny)
     missing_model["model"] = {"path": str(tmp_path / "no-model")}
     result = run(["train", str(write_recipe(tmp_path / "n.yaml", missing_model)), "--output-dir", str(tmp_path / "o")])
-    assert_one_line_error(result, 1, "model directory not found")
+    assert_one_line_error(result, "model directory not found", exit_code=1)
 
 
 def test_malformed_data_is_named(tiny, tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"sentence": "good", "label": 1}])
     recipe = tiny_recipe(tiny, data={"train": str(rows), "validation": None})
     result = run(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--output-dir", str(tmp_path / "o")])
-    assert_one_line_error(result, 1, "has no text field 'text' (its fields: sentence, label)", "data.text_field")
+    assert_one_line_error(result, "has no text field 'text' (its fields: sentence, label)", "data.text_field",
+                          exit_code=1)
 
 
 def test_fp16_on_the_cpu_is_refused(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny, device="cpu", precision="fp16"))
-    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(tmp_path / "o")]), 2,
-                          "fp16 needs CUDA", "bf16 or fp32")
+    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(tmp_path / "o")]),
+                          "fp16 needs CUDA", "bf16 or fp32", exit_code=2)
 
 
 def test_run_directory_rules(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny, max_steps=2, save_steps=None))
     out = tmp_path / "run"
-    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out), "--resume"]), 1,
-                          "no checkpoint to resume from", "training.save_steps")
+    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out), "--resume"]),
+                          "no checkpoint to resume from", "training.save_steps", exit_code=1)
     assert run(["train", str(recipe), "--output-dir", str(out), "-q"]).exit_code == 0
     (out / "notes.txt").write_text("mine")
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out)]), 1,
-                          "already holds a run", "--resume", "--overwrite")
+    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out)]),
+                          "already holds a run", "--resume", "--overwrite", exit_code=1)
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
-    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out), "--resume", "--overwrite"]), 2,
-                          "pass one of them")
+    assert_one_line_error(run(["train", str(recipe), "--output-dir", str(out), "--resume", "--overwrite"]),
+                          "pass one of them", exit_code=2)
     result = run(["train", str(recipe), "--output-dir", str(out), "--overwrite", "-q", "--set", "training.seed=1"])
     assert result.exit_code == 0, result.output
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes the run's files, nothing else

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
-from common import model_class, tiny_config
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+from tests.helpers.common import model_class, tiny_config
 
 _SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>"]
 _CHARS = sorted(set(string.ascii_lowercase + string.digits + string.punctuation + " "))
@@ -32,7 +33,7 @@ def save_char_tokenizer(path: Path) -> Path:
 
 
 def save_tiny_base(arch: str, path: Path, seed: int = 0) -> Path:
-    """A tiny random model (tests/common.py's config) with a character-level tokenizer.
+    """A tiny random model (tests/helpers/common.py's config) with a character-level tokenizer.
 
     The weights are drawn with std 0.2 instead of 0.02: at the usual scale a 2-layer random model
     maps every input to nearly the same features, and no adapter can learn anything in a few steps.
@@ -106,3 +107,14 @@ def tiny_recipe(tiny: dict, task: str = "sequence-classification", method: str =
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+class Interrupt(TrainerCallback):
+    """Stops the run at a step, as a Ctrl-C or a killed job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt

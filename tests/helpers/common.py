@@ -105,7 +105,7 @@ def perturb_adapter(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -
                 param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

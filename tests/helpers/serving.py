@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import httpx
-from common import subprocess_env
+
+from tests.helpers.common import subprocess_env
 
 
 class Server:

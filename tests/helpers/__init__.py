@@ -1,0 +1,8 @@
+"""Helpers shared by the tests (fixtures live in the conftest.py of the directory that uses them).
+
+common: tiny random models on disk, the test config of every registered method, subprocess env.
+cli: the command line's one-line error, asserted.
+export, patch, reliability, serving, training: builders for the tests of that directory.
+fake_rank_method: a rank-allocating adapter method the training tests register.
+trt_api: TensorRT's Python API read from its stubs, to check stand-ins and hypermerge's calls.
+"""
