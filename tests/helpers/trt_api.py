@@ -194,16 +194,18 @@ def _returned_classes(function) -> list[type]:
 
 
 # -- hypermerge's own uses ----------------------------------------------------------------------
-def package_problems(source: str, index: StubIndex) -> tuple[list[str], list[str]]:
-    """Every ``trt.`` use in ``source`` that the real API lacks, and every use checked.
+class _UseChecker:
+    """Walks a module's source in order, typing names as they are assigned (``trt`` / ``self.trt``
+    is the module; constructors and the stubs' return annotations type the rest) and checking every
+    ``trt`` use it can type against the stubs."""
 
-    Types flow from the module (``trt`` / ``self.trt``) through constructors and the stubs'
-    return annotations into variables (``config = builder.create_builder_config()``).
-    """
-    env: dict[str, str] = {"trt": MODULE, "self.trt": MODULE}
-    problems: list[str] = []
-    uses: list[str] = []
+    def __init__(self, index: StubIndex):
+        self.index = index
+        self.env: dict[str, str] = {"trt": MODULE, "self.trt": MODULE}
+        self.problems: list[str] = []
+        self.uses: list[str] = []
 
+    @staticmethod
     def key(node) -> str | None:
         if isinstance(node, ast.Name):
             return node.id
@@ -211,55 +213,70 @@ def package_problems(source: str, index: StubIndex) -> tuple[list[str], list[str
             return f"self.{node.attr}"
         return None
 
-    def type_of(node) -> str | None:
-        name = key(node)
-        if name is not None and name in env:
-            return env[name]
+    def type_of(self, node) -> str | None:
+        name = self.key(node)
+        if name is not None and name in self.env:
+            return self.env[name]
         if isinstance(node, ast.Attribute):
-            base = type_of(node.value)
+            base = self.type_of(node.value)
             if base == MODULE:
-                return f"class:{node.attr}" if node.attr in index.classes else None
+                return f"class:{node.attr}" if node.attr in self.index.classes else None
         if isinstance(node, ast.Call):
             func = node.func
             if isinstance(func, ast.Attribute):
-                base = type_of(func.value)
-                if base == MODULE and func.attr in index.classes:
+                base = self.type_of(func.value)
+                if base == MODULE and func.attr in self.index.classes:
                     return func.attr  # a constructor
                 if base is not None and base != MODULE:
-                    return index.returns(base.removeprefix("class:"), func.attr)
+                    return self.index.returns(base.removeprefix("class:"), func.attr)
         return None
 
-    def check(base: str, attr: str, keywords: list[str] = ()) -> None:
+    def check(self, base: str, attr: str, keywords: list[str] = ()) -> None:
         where = "tensorrt" if base == MODULE else base.removeprefix("class:")
-        uses.append(f"{where}.{attr}")
+        self.uses.append(f"{where}.{attr}")
         if base == MODULE:
-            if attr not in index.names:
-                problems.append(f"tensorrt.{attr}")
+            if attr not in self.index.names:
+                self.problems.append(f"tensorrt.{attr}")
             return
-        exists, params = index.member(where, attr)
+        exists, params = self.index.member(where, attr)
         if not exists:
-            problems.append(f"{where}.{attr}")
+            self.problems.append(f"{where}.{attr}")
         for keyword in keywords:
             if params is not None and keyword not in params:
-                problems.append(f"{where}.{attr}(... {keyword}=...)")
+                self.problems.append(f"{where}.{attr}(... {keyword}=...)")
 
-    tree = ast.parse(source)
-    for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset)):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and key(node.targets[0]) is not None:
-            inferred = type_of(node.value)
+    def visit(self, node) -> None:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and self.key(node.targets[0]) is not None:
+            inferred = self.type_of(node.value)
             if inferred is not None:
-                env[key(node.targets[0])] = inferred
+                self.env[self.key(node.targets[0])] = inferred
         elif isinstance(node, ast.Attribute):
-            base = type_of(node.value)
-            if base is not None and key(node) not in env:
-                check(base, node.attr)
+            base = self.type_of(node.value)
+            if base is not None and self.key(node) not in self.env:
+                self.check(base, node.attr)
         elif isinstance(node, ast.Call):
-            if isinstance(node.func, ast.Attribute):
-                base = type_of(node.func.value)
-                if base is not None and base != MODULE and node.keywords:
-                    check(base, node.func.attr, [k.arg for k in node.keywords if k.arg])
-            if isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2:
-                base = type_of(node.args[0])
-                if base is not None and isinstance(node.args[1], ast.Constant):
-                    check(base, node.args[1].value)
-    return problems, uses
+            self.visit_call(node)
+
+    def visit_call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Attribute):
+            base = self.type_of(node.func.value)
+            if base is not None and base != MODULE and node.keywords:
+                self.check(base, node.func.attr, [k.arg for k in node.keywords if k.arg])
+        if isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2:
+            base = self.type_of(node.args[0])
+            if base is not None and isinstance(node.args[1], ast.Constant):
+                self.check(base, node.args[1].value)
+
+
+def package_problems(source: str, index: StubIndex) -> tuple[list[str], list[str]]:
+    """Every ``trt.`` use in ``source`` that the real API lacks, and every use checked.
+
+    Types flow from the module (``trt`` / ``self.trt``) through constructors and the stubs'
+    return annotations into variables (``config = builder.create_builder_config()``).
+    """
+    checker = _UseChecker(index)
+    tree = ast.parse(source)
+    # in source order: a variable is typed by the assignment above its uses
+    for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset)):
+        checker.visit(node)
+    return checker.problems, checker.uses
