@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
+# the other hand-written pages, which link into docs/ too
+OTHER_PAGES = [ROOT / "train" / "README.md", ROOT / "export" / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
 MAX_README_LINES = 220
 
 # [text](target) outside code; the target ends at the first space or closing parenthesis
@@ -36,7 +38,7 @@ def relative_links(page: Path) -> list[str]:
     return [t for t in LINK.findall(text) if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", t)]
 
 
-@pytest.mark.parametrize("page", [README, *DOC_PAGES], ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("page", [README, *DOC_PAGES, *OTHER_PAGES], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve_to_files(page: Path):
     links = relative_links(page)
     with_anchor = [t for t in links if "#" in t]
