@@ -250,7 +250,7 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    produce: Any  # engine-defined recipe; the writer only passes it back
+    produce: Any  # how the fold makes it (a FoldOperation); the writer only passes it back
     nbytes: int = -1
 
     def __post_init__(self) -> None:
