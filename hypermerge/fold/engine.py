@@ -4,8 +4,8 @@ No model code runs, and no shard is ever held whole in memory:
 
 1. The base's safetensors headers are parsed (no tensor data) and the adapter's tensors are
    mapped onto base tensors by name; shapes are checked against the adapter's fingerprint and by
-   running each method's fold on meta tensors, so a mismatch is reported before any I/O
-   (:mod:`.plan`).
+   running each method's fold once on zeros of the base's shape, so a mismatch is reported before
+   any I/O (:mod:`.plan`).
 2. The output layout is decided up front (the base's sharding, or ``max_shard_size``), so each
    output shard's header can be written first; every output tensor carries its typed operation
    (:mod:`.operations`).
