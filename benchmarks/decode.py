@@ -1,6 +1,6 @@
 """Causal-LM decode speed: tokens/s of transformers' ``generate`` (torch eager, KV cache, greedy) vs
 our onnxruntime KV-cache decode loop (``hm.OnnxModel`` / ``hypermerge.export.runtime.decode``), on
-SmolLM2-135M (DATA.md) and a tiny random Llama. Same prompt, same thread count, same greedy tokens
+SmolLM2-135M (docs/data.md) and a tiny random Llama. Same prompt, same thread count, same greedy tokens
 (checked).
 
     python benchmarks/decode.py [--threads 2] [--rounds 5] [--new-tokens 64] [--models smollm2,tiny-llama]

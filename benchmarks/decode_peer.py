@@ -1,6 +1,6 @@
 """Quantized decode against onnxruntime-genai (the runtime ORT users pick for LLMs), same run.
 
-SmolLM2-135M (DATA.md), greedy, same prompt, same thread count, batch 1 and 4:
+SmolLM2-135M (docs/data.md), greedy, same prompt, same thread count, batch 1 and 4:
 
 - ours fp32: ``hypermerge export`` (model.onnx) decoded by ``hm.OnnxModel``'s KV-cache loop;
 - ours int4: what ``hypermerge export --quantize int4`` writes (model.int4.onnx: onnxruntime

@@ -51,7 +51,7 @@ def exports(work: Path) -> dict[str, Path]:
 
 
 def movie_review_sentences() -> list[tuple[float, str]]:
-    """The 10,605 movie-review sentences shipped in vaderSentiment's source distribution (DATA.md)."""
+    """The 10,605 movie-review sentences shipped in vaderSentiment's source distribution (docs/data.md)."""
     cache = cache_dir() / "data"
     archive = next(iter(cache.glob("vaderSentiment-3.3.2.tar.gz")), None)
     if archive is None:

@@ -3,7 +3,7 @@
     python benchmarks/parity.py [--models tiny-llama,tiny-qwen2,tiny-gpt2,tiny-opt,tiny-bert,minilm,smollm2]
 
 Tiny models are random (seeded) with the configs of tests/helpers/common.py; MiniLM and SmolLM2 are the
-packaged real models (DATA.md). Errors are at valid positions over the report's shapes.
+packaged real models (docs/data.md). Errors are at valid positions over the report's shapes.
 """
 
 from __future__ import annotations

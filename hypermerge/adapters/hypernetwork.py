@@ -1,7 +1,7 @@
 """The attention hypernetwork that generates every adapted matrix's low-rank factors.
 
 HyperAdaLoRA (arXiv 2510.02630, section 3) replaces AdaLoRA's trainable P, Λ, Q by the outputs of
-an attention-based hypernetwork. The paper publishes no code; this is our design (DESIGN.md):
+an attention-based hypernetwork. The paper publishes no code; this is our design (docs/training.md, "HyperAdaLoRA"):
 
     token[m, i] = t[m, i] + E_layer[layer(m)] + E_type[type(m)] + E_rank[i]      (d,) per (matrix m, component i)
     H = LN(Encoder(tokens))                     depth x pre-LN blocks: multi-head self-attention over ALL

@@ -6,9 +6,8 @@ or a change of clock speed hits both sides alike; the report gives p50 / p90 / p
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from hypermerge.export.onnx_export import call_wrapper, example_inputs
 from hypermerge.export.parity import Case, causal_feeds
 from hypermerge.export.runtime import Runner
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
+from hypermerge.fold.threads import torch_threads
 
 
 def percentiles(times_s: list[float]) -> dict:
@@ -24,17 +24,6 @@ def percentiles(times_s: list[float]) -> dict:
     ms = np.asarray(times_s) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": int(ms.size)}
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def interleaved(functions: dict[str, Callable[[], object]], *, warmup: int = 3, iters: int = 30,

@@ -7,7 +7,7 @@
 Written against TensorRT 10's API (``build_serialized_network``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``). The construction logic takes the ``tensorrt`` module
 as an argument, so it is unit-tested with a stand-in exposing the same attribute names; nothing here
-has run on a real TensorRT yet (see the README).
+has run on a real TensorRT yet (docs/export.md, "TensorRT"; README, "What has been run").
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Building ``weights_map.json`` at export: which ONNX initializer holds each weight of the source
-model, and how. The map's data model and JSON are :mod:`hypermerge.runtime.weights_map` (re-exported
-here); this module reads the ONNX graph and the source checkpoint to fill it.
+model, and how. The map's data model and JSON are :mod:`hypermerge.runtime.weights_map`, the
+base check :mod:`hypermerge.runtime.adapter_base`, the graph reader
+:mod:`hypermerge.export.onnx_initializers` and the report lines
+:mod:`hypermerge.export.weights_map_report` (all re-exported here); this module matches the source
+checkpoint's tensors against the graph's initializers by content to fill the map.
 
 Recorded at export so that ``hypermerge patch`` can fold an adapter into an exported model without
 re-exporting it. After ``torch.onnx.export(dynamo=True)`` an initializer keeps its parameter's name
@@ -26,7 +29,6 @@ each node comes from, and flagged ``constant``. What cannot be located is listed
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 from collections.abc import Iterator
@@ -36,11 +38,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from hypermerge.errors import CheckpointError, ExportError, HypermergeError
-from hypermerge.fold.hfdir import open_base
-from hypermerge.runtime.model import MODEL_FILE
+from hypermerge.errors import HypermergeError
 
-# the data model and its JSON are the runtime's (numpy only); re-exported for the exporter and patch
+# the graph reader, the data model, its JSON, the base check and the report lines live in their own
+# modules; re-exported for the exporter, patch and callers of the old paths
+from hypermerge.export.onnx_initializers import GraphScopes, Initializers, load_onnx_graph  # noqa: F401
+from hypermerge.export.weights_map_report import weights_map_markdown  # noqa: F401
+from hypermerge.fold.hfdir import open_base
+from hypermerge.runtime.adapter_base import check_adapter_base  # noqa: F401
+from hypermerge.runtime.model import MODEL_FILE
 from hypermerge.runtime.weights_map import (  # noqa: F401
     FORMAT,
     FORMAT_VERSION,
@@ -49,7 +55,6 @@ from hypermerge.runtime.weights_map import (  # noqa: F401
     WEIGHTS_MAP_FILE,
     Location,
     WeightsMap,
-    check_adapter_base,
     digest_of,
     read_weights_map,
     write_weights_map,
@@ -57,115 +62,50 @@ from hypermerge.runtime.weights_map import (  # noqa: F401
 
 # the relative agreement a scaled copy must show (float32 rounding of one multiply per element)
 _SCALE_RTOL = 2e-6
-_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_UNUSED = "not used by the exported graph (no node comes from its module)"
 
 
-# -- initializers -------------------------------------------------------------------------------
+def build_weights_map(onnx_path: Path, source_dir: Path, *, source_sha256: str | None = None) -> WeightsMap:
+    """Locate every floating-point tensor of ``source_dir`` among the initializers of ``onnx_path``.
 
-class Initializers:
-    """An ONNX model's float initializers as numpy arrays, read lazily: inline ones from the
-    protobuf, external ones from their data file at the recorded offset (never the whole file)."""
+    Args:
+        onnx_path: the exported ``model.onnx`` (external data next to it).
+        source_dir: the HF model directory it was exported from.
+        source_sha256: the source's ``weights_sha256`` as recorded in the report.
 
-    def __init__(self, model, directory: Path):
-        from onnx import TensorProto, helper
-
-        self.model, self.directory = model, Path(directory)
-        self.tensors = {t.name: t for t in model.graph.initializer}
-        self._np_dtype = {}
-        for name, tensor in self.tensors.items():
-            if tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-                self._np_dtype[name] = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-
-    @property
-    def float_names(self) -> list[str]:
-        return list(self._np_dtype)
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._np_dtype[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.tensors[name].dims)
-
-    def external(self, name: str) -> dict[str, str] | None:
-        """``{"location", "offset", "length"}`` for a tensor stored outside the protobuf, else None."""
-        from onnx import TensorProto
-
-        tensor = self.tensors[name]
-        if tensor.data_location != TensorProto.EXTERNAL:
-            return None
-        return {entry.key: entry.value for entry in tensor.external_data}
-
-    def array(self, name: str) -> np.ndarray:
-        """The initializer's values (a fresh array; writing to it changes nothing on disk)."""
-        from onnx import numpy_helper
-
-        tensor, dtype, shape = self.tensors[name], self._np_dtype[name], self.shape(name)
-        info = self.external(name)
-        if info is None:
-            if tensor.raw_data:
-                return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape).copy()
-            return numpy_helper.to_array(tensor).copy()
-        path = self.directory / info["location"]
-        count = int(np.prod(shape, dtype=np.int64))
-        try:
-            with path.open("rb") as handle:
-                handle.seek(int(info.get("offset", 0)))
-                values = np.fromfile(handle, dtype=dtype, count=count)
-        except OSError as exc:
-            raise CheckpointError(f"cannot read the ONNX model's external weights ({exc.strerror})", path=path,
-                                  hint="the export is incomplete; re-export it") from exc
-        if values.size != count:
-            raise CheckpointError(f"the external weights of {name} are truncated", path=path,
-                                  hint="the export is incomplete; re-export it")
-        return values.reshape(shape)
-
-
-def load_onnx_graph(path: Path):
-    """The ONNX model at ``path`` with external data left on disk (initializers read lazily).
+    Returns:
+        The map; tensors found nowhere are in ``unmapped`` with the reason.
 
     Raises:
-        ExportError: missing or not an ONNX model.
+        ExportError: the ONNX model cannot be read.
+        CheckpointError: the source's weights cannot be read.
     """
-    import onnx
+    onnx_path, source_dir = Path(onnx_path), Path(source_dir)
+    model = load_onnx_graph(onnx_path)
+    inits = Initializers(model, onnx_path.parent)
+    scopes = GraphScopes.of(model)
+    index = _ContentIndex.of(inits)
+    weights_map = WeightsMap(model_file=onnx_path.name,
+                             source={"path": str(source_dir.absolute()), "weights_sha256": source_sha256},
+                             fingerprint={}, sha256={}, locations={}, unmapped={}, constants={})
+    leftovers: list[tuple[str, np.ndarray]] = []
+    for name, stored_dtype, shape, values in _source_tensors(source_dir):
+        weights_map.fingerprint[name] = (tuple(shape), stored_dtype)
+        if values is None:
+            weights_map.unmapped[name] = "not a floating-point tensor (an index buffer), never patched"
+            continue
+        weights_map.sha256[name] = _digest(values)
+        found = index.exact(name, values, weights_map.sha256[name])
+        if values.size > 0 and bool(np.all(values.ravel() == values.ravel()[0])):
+            _place_constant(weights_map, name, float(values.ravel()[0]), found, scopes)
+        elif found:
+            weights_map.locations[name] = found
+        else:
+            leftovers.append((name, values))
+    for name, values in leftovers:  # the slower searches, once every exact copy is known
+        _place_transformed(weights_map, name, values, inits, scopes)
+    return weights_map
 
-    if not Path(path).is_file():
-        raise ExportError("ONNX model not found", path=path, hint="export it first with hypermerge export")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ExportError(f"not a readable ONNX model ({str(exc).splitlines()[0][:200]})", path=path,
-                          hint="re-export it with hypermerge export") from exc
-
-
-def _consumer_scopes(model) -> tuple[dict[str, set[str]], set[str] | None]:
-    """initializer -> module paths of the nodes that read it, and every module path in the graph
-    (None when the exporter recorded none: then nothing can be said about unused tensors)."""
-    consumers: dict[str, set[str]] = {}
-    every: set[str] = set()
-    names = {t.name for t in model.graph.initializer}
-    recorded = False
-    for node in model.graph.node:
-        raw = next((p.value for p in node.metadata_props if p.key == _SCOPES_KEY), None)
-        scopes: set[str] = set()
-        if raw:
-            recorded = True
-            try:
-                scopes = {s for s in ast.literal_eval(raw) if isinstance(s, str) and s}
-            except (ValueError, SyntaxError):
-                scopes = set()
-        every |= scopes
-        for name in node.input:
-            if name in names:
-                consumers.setdefault(name, set()).update(scopes)
-    return consumers, (every if recorded else None)
-
-
-def _in_scope(module: str, scopes: set[str]) -> bool:
-    # the export wrapper adds a prefix ("model." for the task wrapper's attribute)
-    return any(s == module or s.endswith("." + module) for s in scopes)
-
-
-# -- building the map -------------------------------------------------------------------------
 
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
@@ -181,6 +121,89 @@ def _source_tensors(source_dir: Path) -> Iterator[tuple[str, str, tuple[int, ...
                 tensor = handle.get_tensor(name)
                 values = tensor.to(torch.float32).numpy() if tensor.is_floating_point() else None
                 yield name, base.dtypes[name], base.shapes[name], values
+
+
+@dataclasses.dataclass(frozen=True)
+class _ContentIndex:
+    """The graph's float initializers by content: (dtype, shape, sha256) -> names."""
+
+    by_content: dict[tuple, list[str]]
+    dtypes: list[str]  # the initializers' numpy dtypes, each tensor is looked up cast to each
+
+    @classmethod
+    def of(cls, inits: Initializers) -> _ContentIndex:
+        by_content: dict[tuple, list[str]] = {}
+        for name in inits.float_names:
+            array = inits.array(name)
+            by_content.setdefault((array.dtype.str, array.shape, _digest(array)), []).append(name)
+        dtypes = {inits.dtype(n).str for n in inits.float_names} or {np.dtype(np.float32).str}
+        return cls(by_content, sorted(dtypes))
+
+    def exact(self, name: str, values: np.ndarray, digest: str) -> list[Location]:
+        """Every initializer holding ``values`` (float32, digest ``digest``) or its transpose, as
+        stored or cast to the initializers' dtype."""
+        found: list[Location] = []
+        for dtype in self.dtypes:
+            cast = values.astype(np.dtype(dtype), copy=False)
+            forms = [(IDENTITY, cast)] + ([(TRANSPOSE, np.ascontiguousarray(cast.T))] if cast.ndim == 2 else [])
+            for transform, form in forms:
+                key = (form.dtype.str, form.shape, digest if form is values else _digest(form))
+                found += [Location(name, init, transform) for init in self.by_content.get(key, [])]
+        return found
+
+
+def _place_constant(weights_map: WeightsMap, name: str, value: float, found: list[Location],
+                    scopes: GraphScopes) -> None:
+    """A tensor whose values are all equal: equal values say nothing about which initializer is
+    which, so keep only those read by a node of this tensor's own module, and flag them."""
+    weights_map.constants[name] = value
+    module = name.rpartition(".")[0]
+    scoped = [dataclasses.replace(loc, constant=True) for loc in found if scopes.reads(loc.initializer, module)]
+    if scoped:
+        weights_map.locations[name] = scoped
+    elif scopes.unused(module):
+        weights_map.unmapped[name] = _UNUSED
+    else:
+        weights_map.unmapped[name] = (f"its values are all equal ({value:g}) and no initializer read by a "
+                                      f"node of {module or 'its module'} holds them (exporters drop zero biases "
+                                      "and merge equal constants): cannot tell where it is")
+
+
+def _place_transformed(weights_map: WeightsMap, name: str, values: np.ndarray, inits: Initializers,
+                       scopes: GraphScopes) -> None:
+    """A tensor found nowhere as it is: a block or a multiple of an initializer, else unmapped."""
+    found = _search_transformed(name, values, inits)
+    if found:
+        weights_map.locations[name] = found
+    elif scopes.unused(name.rpartition(".")[0]):
+        weights_map.unmapped[name] = _UNUSED
+    else:
+        weights_map.unmapped[name] = ("no initializer holds it, its transpose, a block of either (fused weights) "
+                                      "or a multiple of either: the exporter or optimizer transformed it")
+
+
+def _search_transformed(name: str, values: np.ndarray, inits: Initializers) -> list[Location]:
+    """The slower searches, for tensors not found as they are: a block of a larger initializer
+    (onnxruntime's fused attention weights) or a scalar multiple of one."""
+    forms = [(IDENTITY, values)] + ([(TRANSPOSE, np.ascontiguousarray(values.T))] if values.ndim == 2 else [])
+    found = []
+    for init in inits.float_names:
+        shape = inits.shape(init)
+        for transform, form in forms:
+            if len(shape) != form.ndim:
+                continue
+            if shape == form.shape:
+                scale = _scale_of(inits.array(init).astype(np.float32), form)
+                if scale is not None:
+                    found.append(Location(name, init, transform, scale=scale))
+                    break
+            elif form.ndim == 2 and (shape[0] == form.shape[0]) != (shape[1] == form.shape[1]) \
+                    and all(s >= f for s, f in zip(shape, form.shape, strict=True)):
+                block = _find_block(inits.array(init).astype(np.float32), form.astype(np.float32))
+                if block is not None:
+                    found.append(Location(name, init, transform, slice=block))
+                    break
+    return found
 
 
 def _find_block(big: np.ndarray, small: np.ndarray) -> tuple[tuple[int, int], ...] | None:
@@ -221,108 +244,6 @@ def _scale_of(held: np.ndarray, value: np.ndarray) -> float | None:
     return scale
 
 
-def build_weights_map(onnx_path: Path, source_dir: Path, *, source_sha256: str | None = None) -> WeightsMap:
-    """Locate every floating-point tensor of ``source_dir`` among the initializers of ``onnx_path``.
-
-    Args:
-        onnx_path: the exported ``model.onnx`` (external data next to it).
-        source_dir: the HF model directory it was exported from.
-        source_sha256: the source's ``weights_sha256`` as recorded in the report.
-
-    Returns:
-        The map; tensors found nowhere are in ``unmapped`` with the reason.
-
-    Raises:
-        ExportError: the ONNX model cannot be read.
-        CheckpointError: the source's weights cannot be read.
-    """
-    onnx_path, source_dir = Path(onnx_path), Path(source_dir)
-    model = load_onnx_graph(onnx_path)
-    inits = Initializers(model, onnx_path.parent)
-    consumers, every_scope = _consumer_scopes(model)
-    by_content: dict[tuple, list[str]] = {}
-    for name in inits.float_names:
-        array = inits.array(name)
-        by_content.setdefault((array.dtype.str, array.shape, _digest(array)), []).append(name)
-    dtypes = {inits.dtype(n).str for n in inits.float_names} or {np.dtype(np.float32).str}
-
-    fingerprint, sha256, locations, unmapped, constants = {}, {}, {}, {}, {}
-    leftovers: list[tuple[str, np.ndarray]] = []
-    for name, stored_dtype, shape, values in _source_tensors(source_dir):
-        fingerprint[name] = (tuple(shape), stored_dtype)
-        if values is None:
-            unmapped[name] = "not a floating-point tensor (an index buffer), never patched"
-            continue
-        sha256[name] = _digest(values)
-        found: list[Location] = []
-        for dtype in sorted(dtypes):
-            cast = values.astype(np.dtype(dtype), copy=False)
-            forms = [(IDENTITY, cast)] + ([(TRANSPOSE, np.ascontiguousarray(cast.T))] if cast.ndim == 2 else [])
-            for transform, form in forms:
-                key = (form.dtype.str, form.shape, sha256[name] if form is values else _digest(form))
-                found += [Location(name, init, transform) for init in by_content.get(key, [])]
-        constant = values.size > 0 and bool(np.all(values.ravel() == values.ravel()[0]))
-        if constant:
-            # equal values say nothing about which initializer is which: keep only those read by a
-            # node of this tensor's own module, and flag them
-            constants[name] = float(values.ravel()[0])
-            module = name.rpartition(".")[0]
-            scoped = [dataclasses.replace(loc, constant=True) for loc in found
-                      if _in_scope(module, consumers.get(loc.initializer, set()))]
-            if scoped:
-                locations[name] = scoped
-            elif every_scope is not None and not _in_scope(module, every_scope):
-                unmapped[name] = "not used by the exported graph (no node comes from its module)"
-            else:
-                unmapped[name] = (f"its values are all equal ({constants[name]:g}) and no initializer read by a "
-                                  f"node of {module or 'its module'} holds them (exporters drop zero biases and "
-                                  "merge equal constants): cannot tell where it is")
-        elif found:
-            locations[name] = found
-        else:
-            leftovers.append((name, values))
-
-    for name, values in leftovers:
-        found = _search_transformed(name, values, inits)
-        if found:
-            locations[name] = found
-            continue
-        module = name.rpartition(".")[0]
-        if every_scope is not None and not _in_scope(module, every_scope):
-            unmapped[name] = "not used by the exported graph (no node comes from its module)"
-        else:
-            unmapped[name] = ("no initializer holds it, its transpose, a block of either (fused weights) or a "
-                              "multiple of either: the exporter or optimizer transformed it")
-    return WeightsMap(model_file=onnx_path.name,
-                      source={"path": str(source_dir.absolute()), "weights_sha256": source_sha256},
-                      fingerprint=fingerprint, sha256=sha256, locations=locations, unmapped=unmapped,
-                      constants=constants)
-
-
-def _search_transformed(name: str, values: np.ndarray, inits: Initializers) -> list[Location]:
-    """The slower searches, for tensors not found as they are: a block of a larger initializer
-    (onnxruntime's fused attention weights) or a scalar multiple of one."""
-    forms = [(IDENTITY, values)] + ([(TRANSPOSE, np.ascontiguousarray(values.T))] if values.ndim == 2 else [])
-    found = []
-    for init in inits.float_names:
-        shape = inits.shape(init)
-        for transform, form in forms:
-            if len(shape) != form.ndim:
-                continue
-            if shape == form.shape:
-                scale = _scale_of(inits.array(init).astype(np.float32), form)
-                if scale is not None:
-                    found.append(Location(name, init, transform, scale=scale))
-                    break
-            elif form.ndim == 2 and (shape[0] == form.shape[0]) != (shape[1] == form.shape[1]) \
-                    and all(s >= f for s, f in zip(shape, form.shape, strict=True)):
-                block = _find_block(inits.array(init).astype(np.float32), form.astype(np.float32))
-                if block is not None:
-                    found.append(Location(name, init, transform, slice=block))
-                    break
-    return found
-
-
 def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | None) -> dict:
     """Build the map of ``export_dir/model.onnx``, write it beside the model, return the report section.
 
@@ -335,20 +256,3 @@ def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | 
         return {"file": None, "error": error.one_line()}
     write_weights_map(export_dir, weights_map)
     return weights_map.summary()
-
-
-def weights_map_markdown(summary: dict) -> list[str]:
-    """report.md lines for the ``weights_map`` section."""
-    if not summary.get("file"):
-        return ["", f"## Weights map: not recorded ({summary.get('error')})"]
-    transforms = ", ".join(f"{k} ×{v}" for k, v in sorted(summary["transforms"].items())) or "none"
-    lines = ["", f"## Weights map (`{summary['file']}`): {summary['mapped']} of {summary['tensors']} source "
-             f"tensors located", "", f"Transforms: {transforms}. Initializers shared by several tensors: "
-             f"{summary['shared_initializers']}."]
-    unmapped = summary.get("unmapped") or []
-    if unmapped:
-        lines += ["", "Not located (`hypermerge patch` refuses to change these):", ""]
-        lines += [f"- `{entry['weight']}`: {entry['reason']}" for entry in unmapped[:40]]
-        if len(unmapped) > 40:
-            lines.append(f"- … and {len(unmapped) - 40} more (see {summary['file']})")
-    return lines

@@ -53,6 +53,7 @@ MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enfor
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (in the kernel: no process memory)
 FALLBACK_CHUNK = 8 << 20  # bytes per read + write where copy_file_range is unavailable
 _MAX_IO = 1 << 30  # stay below Linux's ~2 GiB cap on one read()/write()
+_DAMAGED = "the file is truncated or of another format; re-save or re-download it"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,19 +103,29 @@ def read_header(path: Path) -> SafetensorsHeader:
     Raises:
         CheckpointError: the file is missing, not safetensors, damaged or truncated.
     """
-    hint = "the file is truncated or of another format; re-save or re-download it"
+    size, length, raw = _raw_header(path)
+    document = _header_document(raw, path)
+    data_start = 8 + length
+    metadata = document.pop("__metadata__", None)
+    entries = {name: _entry(name, info, data_start, size, path) for name, info in document.items()}
+    ordered = dict(sorted(entries.items(), key=lambda item: item[1].begin))
+    return SafetensorsHeader(path, ordered, metadata if isinstance(metadata, dict) else None, data_start)
+
+
+def _raw_header(path: Path) -> tuple[int, int, bytes]:
+    """The file's size, its header's length and JSON bytes; the length is checked against the size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"not a safetensors file ({size} bytes, too short for a header)",
-                                      path=path, hint=hint)
+                                      path=path, hint=_DAMAGED)
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES or 8 + length > size:
                 raise CheckpointError(f"not a safetensors file (header length {length} does not fit a "
-                                      f"{size}-byte file)", path=path, hint=hint)
-            raw = handle.read(length)
+                                      f"{size}-byte file)", path=path, hint=_DAMAGED)
+            return size, length, handle.read(length)
     except FileNotFoundError:
         raise CheckpointError("weight file not found", path=path,
                               hint="the download or copy is incomplete; copy the model again") from None
@@ -123,35 +134,37 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as exc:
         raise CheckpointError(f"cannot read the file ({exc.strerror})", path=path,
                               hint="check permissions and the disk") from exc
+
+
+def _header_document(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
-        raise CheckpointError("not a safetensors file (its header is not JSON)", path=path, hint=hint) from None
+        raise CheckpointError("not a safetensors file (its header is not JSON)", path=path, hint=_DAMAGED) from None
     if not isinstance(document, dict):
-        raise CheckpointError("not a safetensors file (its header is not a JSON object)", path=path, hint=hint)
-    data_start = 8 + length
-    metadata = document.pop("__metadata__", None)
-    entries: dict[str, TensorEntry] = {}
-    for name, info in document.items():
-        try:
-            dtype = str(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"damaged safetensors header (entry {name!r})", path=path, hint=hint) from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end:
-            raise CheckpointError(f"damaged safetensors header (entry {name!r})", path=path, hint=hint)
-        itemsize = ITEMSIZE.get(dtype)
-        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-            raise CheckpointError(f"damaged safetensors header: {name} should take "
-                                  f"{math.prod(shape) * itemsize} bytes, its range has {end - begin}",
-                                  path=path, hint=hint)
-        if data_start + end > size:
-            raise CheckpointError(f"truncated safetensors file: {name} ends at byte {data_start + end} "
-                                  f"but the file has {size}", path=path, hint=hint)
-        entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
-    ordered = dict(sorted(entries.items(), key=lambda item: item[1].begin))
-    return SafetensorsHeader(path, ordered, metadata if isinstance(metadata, dict) else None, data_start)
+        raise CheckpointError("not a safetensors file (its header is not a JSON object)", path=path, hint=_DAMAGED)
+    return document
+
+
+def _entry(name: str, info: Any, data_start: int, size: int, path: Path) -> TensorEntry:
+    """One header entry, its byte range checked against its dtype and shape and the file's size."""
+    try:
+        dtype = str(info["dtype"])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"damaged safetensors header (entry {name!r})", path=path, hint=_DAMAGED) from None
+    if any(d < 0 for d in shape) or not 0 <= begin <= end:
+        raise CheckpointError(f"damaged safetensors header (entry {name!r})", path=path, hint=_DAMAGED)
+    itemsize = ITEMSIZE.get(dtype)
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        raise CheckpointError(f"damaged safetensors header: {name} should take "
+                              f"{math.prod(shape) * itemsize} bytes, its range has {end - begin}",
+                              path=path, hint=_DAMAGED)
+    if data_start + end > size:
+        raise CheckpointError(f"truncated safetensors file: {name} ends at byte {data_start + end} "
+                              f"but the file has {size}", path=path, hint=_DAMAGED)
+    return TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
 
 
 def read_tensor(handle: BinaryIO, entry: TensorEntry, path: Path, buffer: torch.Tensor | None = None
@@ -250,7 +263,7 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    produce: Any  # engine-defined recipe; the writer only passes it back
+    produce: Any  # how the fold makes it (a FoldOperation); the writer only passes it back
     nbytes: int = -1
 
     def __post_init__(self) -> None:

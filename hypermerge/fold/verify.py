@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hypermerge.adapters.checkpoint import load_adapter
 from hypermerge.errors import ConfigError, ParityError
 
 # Largest relative difference (max |a - b| / max |a|) accepted per output dtype. float32 folding
@@ -79,8 +80,6 @@ def verify_fold(adapter: Path, base: Path, folded: Path, *, dtype: torch.dtype |
         ParityError: the difference exceeds the tolerance (the report is in the message).
         ConfigError: the model does not take token ids.
     """
-    from hypermerge.adapters.checkpoint import load_adapter
-
     config = json.loads((folded / "config.json").read_text())
     cls = _model_class(config)
     reference_dtype = torch.float32

@@ -9,9 +9,9 @@
    with the digests recorded at export, so an adapter for another checkpoint of the same
    architecture is refused too.
 2. Every weight the adapter changes is read from its initializer (undoing the recorded transpose),
-   folded by ``fold_tensor``, the function ``hypermerge fold`` streams every weight through (same
-   float32 math, same single cast to the base's dtype), and written back to every initializer
-   that holds it. A weight the map could not locate is refused by name, as is a change to one
+   folded by the typed operation ``hypermerge fold`` streams every weight through
+   (``hypermerge.fold.operations``: same float32 math, same single cast to the base's dtype), and
+   written back to every initializer that holds it. A weight the map could not locate is refused by name, as is a change to one
    tensor of an initializer the exporter shares between several.
 3. NEW_DIR gets the same graph: with external data, ``model.onnx`` is copied byte for byte and the
    data file is copied with the changed byte ranges overwritten; with weights inside the
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, read_adapter
-from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, ExportError, ParityError
+from hypermerge.errors import AdapterMismatchError, ConfigError, ExportError, ParityError
 from hypermerge.export.report import REPORT_JSON, REPORT_MD, write_report
 from hypermerge.export.runtime import MODEL_FILE
 from hypermerge.export.weights_map import (
@@ -55,9 +55,11 @@ from hypermerge.export.weights_map import (
     write_weights_map,
 )
 from hypermerge.fold.base_check import NOT_CHECKED, BaseCheck, check_base
-from hypermerge.fold.engine import FOLD_THREADS, all_finite, fold_tensor, plan_fold
 from hypermerge.fold.hfdir import BaseCheckpoint, update_config
+from hypermerge.fold.operations import SaveFullTensor
+from hypermerge.fold.plan import FoldPlan, plan_fold
 from hypermerge.fold.safetensors_io import TORCH_DTYPES
+from hypermerge.fold.threads import FOLD_THREADS, torch_threads
 from hypermerge.runtime.ort import session_contract, session_runner
 
 ENGINE_FILE = "model.engine"
@@ -156,6 +158,9 @@ def compute_changes(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, read
                     progress: bool = True) -> tuple[list[_Change], list[str]]:
     """Plan the adapter against the map and fold every tensor it touches.
 
+    Each tensor is made by the same operation ``hypermerge fold`` runs (``FoldOperation.produce``),
+    from the export's own copy of the base tensor, in the source's dtype.
+
     Returns:
         The tensors whose values change, and those the fold leaves exactly as they were.
 
@@ -163,6 +168,32 @@ def compute_changes(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, read
         AdapterMismatchError: the adapter does not fit (names, shapes), or adds tensors the graph lacks.
         CheckpointError: NaN/Inf in the adapter or in a folded tensor.
         ExportError: a tensor it changes is not located by the map.
+    """
+    plan = _plan_against_map(checkpoint, weights_map, export_dir)
+    operations = plan.changes(lambda name: _source_dtype(weights_map, name))
+    changes, unchanged = [], []
+    with torch_threads(FOLD_THREADS):  # the same reasoning as fold: memory-bound work, busy cores
+        for operation in tqdm(operations, desc="patch", unit="tensor", disable=not progress, leave=False):
+            old = reader.tensor(operation.name)
+            if old is None and not isinstance(operation, SaveFullTensor):
+                raise _unmapped(weights_map, operation.name, "the adapter changes it")
+            new = operation.produce(lambda _name, stored=old: torch.from_numpy(stored), checkpoint).float()
+            new = np.ascontiguousarray(new.numpy(), dtype=np.float32)
+            if old is not None and np.array_equal(new, old):
+                unchanged.append(operation.name)
+                continue
+            locations = weights_map.locations.get(operation.name)
+            if not locations:
+                raise _unmapped(weights_map, operation.name, "the adapter changes it")
+            changes.append(_Change(operation.name, new, locations))
+    return changes, unchanged
+
+
+def _plan_against_map(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, export_dir: Path) -> FoldPlan:
+    """``plan_fold`` with the map standing in for the base; a patch cannot add tensors.
+
+    Raises:
+        AdapterMismatchError: the adapter does not fit, or adds tensors the graph lacks.
     """
     try:
         plan = plan_fold(checkpoint, _map_as_base(weights_map, export_dir))
@@ -175,44 +206,7 @@ def compute_changes(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, read
         raise AdapterMismatchError(f"the adapter adds {len(plan.additions)} tensor(s) the exported model does not have "
                                    f"(first: {first}); a patch keeps the graph as it is", path=checkpoint.path,
                                    hint="fold the adapter and export the folded model")
-    method, config = checkpoint.method, checkpoint.config
-    full = checkpoint.full_tensors() if plan.replacements else {}
-    jobs = [("fold", name, target) for name, target in plan.folds.items()]
-    jobs += [("bias", name, target) for name, target in plan.bias_folds.items()]
-    jobs += [("full", name, source) for name, source in plan.replacements.items()]
-    changes, unchanged = [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(FOLD_THREADS)  # the same reasoning as fold: memory-bound work, busy cores
-    try:
-        for kind, name, target in tqdm(jobs, desc="patch", unit="tensor", disable=not progress, leave=False):
-            dtype = _source_dtype(weights_map, name)
-            old = reader.tensor(name)
-            if kind == "full":
-                new = full[target].to(dtype).float()
-                if not all_finite(new):
-                    raise CheckpointError(f"the adapter's {target} holds NaN or Inf", path=checkpoint.weights_path)
-            elif old is None:
-                raise _unmapped(weights_map, name, "the adapter changes it")
-            elif kind == "fold":
-                new = fold_tensor(method, torch.from_numpy(old), checkpoint.layer_params(target), config,
-                                  transposed=target in checkpoint.fan_in_fan_out, out_dtype=dtype, name=name).float()
-            else:
-                params = {k: v.float() for k, v in checkpoint.layer_params(target).items()}
-                new = method.fold_bias(torch.from_numpy(old), params, config).to(dtype).float()
-                if not all_finite(new):
-                    raise CheckpointError(f"folding {name} produced NaN or Inf",
-                                          hint="the base bias or the adapter holds extreme values")
-            new = np.ascontiguousarray(new.numpy(), dtype=np.float32)
-            if old is not None and np.array_equal(new, old):
-                unchanged.append(name)
-                continue
-            locations = weights_map.locations.get(name)
-            if not locations:
-                raise _unmapped(weights_map, name, "the adapter changes it")
-            changes.append(_Change(name, new, locations))
-    finally:
-        torch.set_num_threads(threads)
-    return changes, unchanged
+    return plan
 
 
 def apply_changes(changes: list[_Change], weights_map: WeightsMap, reader: _Reader) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from hypermerge.errors import AdapterMismatchError, BackendUnavailableError, CheckpointError, ConfigError
-from hypermerge.runtime.weights_map import WeightsMap, check_adapter_base
+from hypermerge.runtime.adapter_base import check_adapter_base
+from hypermerge.runtime.weights_map import WeightsMap
 
 INPUT_NAME = "adapter_scales"
 LAYOUT_FILE = "adapter_inputs.json"

@@ -1,4 +1,4 @@
-"""SmolLM2-135M (DATA.md: a real Llama-architecture LM with GQA, 30 layers): export, parity,
+"""SmolLM2-135M (docs/data.md: a real Llama-architecture LM with GQA, 30 layers): export, parity,
 greedy decode with the KV cache and the text generation path. Slow: ~4 minutes here."""
 
 from __future__ import annotations

@@ -30,13 +30,13 @@ SOAK_FRACTION, SOAK_QUEUE = 0.25, 4096
 
 
 def test_soak_at_the_sustainable_rate(exports):
-    """Zero errors, p99 of the last minute within 1.5x the first (each minute's typical p99: the
-    median of its 10-s p99s; a minute's raw p99 is one neighbour's stall, 0.003x to 2x here), RSS
-    growth under 10 %."""
+    """Zero errors, p99 stable: the later minutes' within 1.5x the earlier ones' (each minute's
+    typical p99, the median of its 10-s p99s; the last five minutes' median against the first five's:
+    benchmarks.serve_soak.halves_drift says why), RSS growth under 10 %."""
     result = run_soak(exports["feature-extraction"], soak_seconds(), fraction=SOAK_FRACTION, max_queue=SOAK_QUEUE,
                       capacity_seconds=30.0)
     assert result.requests > 0 and result.errors == 0, result
-    assert result.p99_typical_drift <= P99_DRIFT_LIMIT, result  # the raw minute p99s are in result.windows
+    assert result.p99_halves_drift <= P99_DRIFT_LIMIT, result  # the raw minute p99s are in result.windows
     assert result.rss_growth < RSS_GROWTH_LIMIT, result
 
 

@@ -1,5 +1,5 @@
 """``hypermerge train`` through the CLI on tiny models: every method and task learns, the run
-directory holds what the README promises, and the adapter folds."""
+directory holds what docs/training.md promises, and the adapter folds."""
 
 from __future__ import annotations
 
