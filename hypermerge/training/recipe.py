@@ -29,8 +29,11 @@ from typing import Any, Literal
 
 import yaml
 
+from hypermerge._fs import require_dir
 from hypermerge.adapters.registry import METHODS, config_from_dict
 from hypermerge.errors import ConfigError
+from hypermerge.packaged import packaged_model_path
+from hypermerge.training.data import BUILTIN
 
 TASKS = ("sequence-classification", "causal-lm")
 FULL_FINE_TUNE = "full"  # adapter.method for training every weight (no adapter)
@@ -62,9 +65,6 @@ class ModelSpec:
         Raises:
             CheckpointError: the package is unknown or not installed, or the path does not exist.
         """
-        from hypermerge._fs import require_dir
-        from hypermerge.packaged import packaged_model_path
-
         if self.package is not None:
             return packaged_model_path(self.package)
         return require_dir(Path(self.path).expanduser().absolute(), "model directory")
@@ -99,8 +99,6 @@ class DataSpec:
     eval_examples: int | None = None
 
     def problems(self, where: str, task: str | None) -> list[str]:
-        from hypermerge.training.data import BUILTIN
-
         problems = []
         if (self.name is None) == (self.train is None):
             problems.append(f"{where}: give exactly one of name (a built-in set: {', '.join(BUILTIN)}) "
