@@ -22,7 +22,8 @@ import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hypermerge.errors import CheckpointError, ConfigError, HypermergeError, OutputExistsError
-from hypermerge.training.recipe import Recipe, parse_yaml
+from hypermerge.training.recipe import Recipe
+from hypermerge.training.typed_yaml import parse_yaml
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
