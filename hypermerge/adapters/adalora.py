@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hypermerge.adapters import rank_allocation as ra
+import hypermerge.adapters.rank_allocation as ra
 from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
 from hypermerge.adapters.state import adapter_state
 from hypermerge.errors import AdapterMismatchError, ConfigError

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import hypermerge.adapters.base_digest as digests
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
-from hypermerge.adapters import base_digest as digests
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.checkpoint_format import (
     CONFIG_FILE,

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hypermerge.adapters import base_digest as digests
+import hypermerge.adapters.base_digest as digests
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.validation import FULL_SUFFIX
 from hypermerge.errors import CheckpointError

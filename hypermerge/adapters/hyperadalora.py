@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hypermerge.adapters import rank_allocation as ra
+import hypermerge.adapters.rank_allocation as ra
 from hypermerge.adapters.adalora import (
     AdaLoRA,
     AdaLoRAConfig,

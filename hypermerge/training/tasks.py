@@ -22,9 +22,9 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 
+import hypermerge.training.data as builtin_data
 from hypermerge.fold.engine import check_finite_weights
 from hypermerge.fold.hfdir import open_base
-from hypermerge.training import data as builtin_data
 from hypermerge.training.data import DataError
 from hypermerge.training.recipe import Recipe
 

@@ -39,12 +39,13 @@ from torch import nn
 from transformers import TrainerCallback
 
 import hypermerge.adapters.model as adapter_model
+import hypermerge.training.plots as plots
+import hypermerge.training.tasks as tasks
 from hypermerge._fs import atomic_output_dir
 from hypermerge.adapters.adalora import allocation_final
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
 from hypermerge.adapters.checkpoint import save_adapter
 from hypermerge.errors import ConfigError, HypermergeError
-from hypermerge.training import plots, tasks
 from hypermerge.training.callbacks import RankAllocationCallback, ScheduleCheck, StepTimer
 from hypermerge.training.hf_trainer import (
     RUN_STATE_FILE,
