@@ -50,8 +50,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hypermerge.adapters import rank_allocation as ra
+import hypermerge.adapters.rank_allocation as ra
 from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, ParamSpec
+from hypermerge.adapters.state import adapter_state
 from hypermerge.errors import AdapterMismatchError, ConfigError
 
 INIT_STD = 0.02  # P and Q start at N(0, 0.02), as in PEFT and the paper's code
@@ -330,8 +331,6 @@ class AdaLoRA(AdapterMethod):
 
 def current_config(model: nn.Module, layers: list[AdapterLayer]) -> AdaLoRAConfig:
     """The adapter's config as the model holds it now (``set_total_steps`` may have replaced it)."""
-    from hypermerge.adapters.model import adapter_state
-
     state = adapter_state(model, required=False)
     return state.config if state is not None else layers[0].config
 
@@ -346,8 +345,6 @@ def allocator_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     Not part of the adapter checkpoint (fold does not need it); ``hypermerge train`` keeps it
     in its training-state file.
     """
-    from hypermerge.adapters.model import adapter_state
-
     state = adapter_state(model, required=False)
     if state is None or not isinstance(state.config, AdaLoRAConfig):
         return {}
@@ -363,8 +360,6 @@ def allocator_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def restore_allocator_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Restore what ``allocator_state_tensors`` saved (after the masks and parameters are restored)."""
-    from hypermerge.adapters.model import adapter_state
-
     state = adapter_state(model)
     if not isinstance(state.config, AdaLoRAConfig):
         return
@@ -392,8 +387,6 @@ def set_total_steps(model: nn.Module, total_steps: int) -> None:
     Raises:
         ConfigError: the model's adapter has no rank schedule, or the schedule does not fit.
     """
-    from hypermerge.adapters.model import adapter_state
-
     state = adapter_state(model)
     if not isinstance(state.config, AdaLoRAConfig):
         raise ConfigError(f"the {state.method.name} adapter has no rank schedule (total_steps)")

@@ -15,112 +15,44 @@ Fold needs no model code: it maps the names onto the base checkpoint's tensors.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+import hypermerge.adapters.base_digest as digests
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
-from hypermerge.adapters import base_digest as digests
 from hypermerge.adapters.base import AdapterConfig, AdapterMethod
+from hypermerge.adapters.checkpoint_format import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    PICKLE_FILES,
+    WEIGHTS_FILE,
+    AdapterCheckpoint,
+    read_safetensors,
+    refuse_pickle,
+)
 from hypermerge.adapters.model import adapter_state, inject
+from hypermerge.adapters.peft_import import read_peft_adapter
 from hypermerge.adapters.registry import METHODS, get_method
 from hypermerge.adapters.targets import match_suffix
 from hypermerge.adapters.validation import FULL_SUFFIX, check_layers
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, HypermergeError
 
-FORMAT = "hypermerge-adapter"
-FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+# the format's names live in checkpoint_format (shared with the PEFT reader); they are still importable from here
+__all__ = ["CONFIG_FILE", "CONFIG_OVERRIDE_KEYS", "FORMAT", "FORMAT_VERSION", "PICKLE_FILES", "WEIGHTS_FILE",
+           "AdapterCheckpoint", "check_fingerprint", "load_adapter", "read_adapter", "read_safetensors",
+           "refuse_pickle", "save_adapter"]
+
 # Keys of the trained model's config that a fold writes into the folded config.json (a new
 # classification head changes the architecture and label names).
 CONFIG_OVERRIDE_KEYS = ("architectures", "id2label", "label2id", "problem_type")
-
-
-@dataclasses.dataclass
-class AdapterCheckpoint:
-    """An adapter checkpoint read from disk; tensors are loaded on first use."""
-
-    path: Path
-    method: type[AdapterMethod]
-    config: AdapterConfig
-    base_model: str | None
-    base_fingerprint: dict[str, tuple[tuple[int, ...], str]]
-    targets: list[str]
-    fan_in_fan_out: set[str]
-    metadata: dict[str, Any]
-    _tensors: dict[str, torch.Tensor] | None = None
-    base_digest: digests.BaseDigest | None = None  # None: PEFT, or saved before digests existed
-
-    def content_sha256(self) -> str:
-        """sha256 of the adapter's files (config and weights): what a certificate records."""
-        digest = hashlib.sha256()
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            file = self.path / name
-            if file.is_file():
-                digest.update(name.encode())
-                with open(file, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-        return digest.hexdigest()
-
-    @property
-    def weights_path(self) -> Path:
-        return self.path / WEIGHTS_FILE
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if self._tensors is None:
-            self._tensors = read_safetensors(self.weights_path, what="adapter weights")
-        return self._tensors
-
-    def layer_params(self, weight_name: str) -> dict[str, torch.Tensor]:
-        """The tensors of one adapted weight, keyed by short name (``"a"``, ``"lora_A"``)."""
-        prefix = f"{weight_name}::{self.method.name}."
-        return {k[len(prefix):]: v for k, v in self.tensors().items() if k.startswith(prefix)}
-
-    def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors of modules trained in full, keyed by their name in the trained model."""
-        return {k[: -len(FULL_SUFFIX)]: v for k, v in self.tensors().items() if k.endswith(FULL_SUFFIX)}
-
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        prefix = f"{self.method.name}::"
-        return {k: v for k, v in self.tensors().items() if k.startswith(prefix)}
-
-    @property
-    def config_overrides(self) -> dict[str, Any]:
-        return dict(self.metadata.get("config_overrides") or {})
-
-    @property
-    def rank_pattern(self) -> dict[str, int] | None:
-        return self.metadata.get("rank_pattern")
-
-    def trainable_parameters(self) -> int:
-        # A method may record its own count (a hypernetwork's checkpoint also holds the factors
-        # it generated, which are not trained); otherwise every saved value was trained.
-        recorded = self.metadata.get("trainable_parameters")
-        if isinstance(recorded, int):
-            return recorded
-        return sum(t.numel() for t in self.tensors().values())
-
-
-def read_safetensors(path: Path, *, what: str) -> dict[str, torch.Tensor]:
-    """Load a whole safetensors file, turning every failure into a CheckpointError."""
-    if not path.exists():
-        raise CheckpointError(f"{what} not found", path=path, hint="check the directory, or re-save the adapter")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{what} are not a readable safetensors file ({exc})", path=path,
-                              hint="the file is truncated or of another format; re-save it") from exc
 
 
 def _fingerprint(tensor: torch.Tensor) -> tuple[list[int], str]:
@@ -215,6 +147,18 @@ def read_adapter(path: str | Path) -> AdapterCheckpoint:
         ConfigError: the method is unknown or its config invalid.
     """
     path = Path(path)
+    raw = _read_config(path)
+    checkpoint = read_peft_adapter(path, raw) if "peft_type" in raw else _read_hypermerge(path, raw)
+    check_layers(checkpoint)  # every tensor the fold will read, before anyone reads it
+    return checkpoint
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The adapter directory's ``adapter_config.json``, as a JSON object.
+
+    Raises:
+        CheckpointError: no such directory, no config in it, or not a JSON object.
+    """
     if not path.exists():
         raise CheckpointError("adapter directory not found", path=path, hint="check the --adapter path")
     if not path.is_dir():
@@ -231,38 +175,19 @@ def read_adapter(path: str | Path) -> AdapterCheckpoint:
                               hint="the file is damaged; re-save the adapter") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object", path=config_path)
-    if "peft_type" in raw:
-        from hypermerge.adapters.peft_import import read_peft_adapter
+    return raw
 
-        checkpoint = read_peft_adapter(path, raw)
-        check_layers(checkpoint)
-        return checkpoint
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{CONFIG_FILE} is not a hypermerge adapter config (format {raw.get('format')!r})",
-                              path=config_path, hint="pass a directory written by hm.save_adapter")
-    version = raw.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise CheckpointError(f"{CONFIG_FILE} has an invalid format_version {version!r}", path=config_path,
-                              hint="re-save the adapter with hm.save_adapter")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"adapter format version {version} is newer than this hypermerge "
-                              f"reads ({FORMAT_VERSION})", path=config_path, hint="upgrade hypermerge")
-    _refuse_pickle(path)
-    method_name, config_values = raw.get("method", "<missing>"), raw.get("config") or {}
-    if not isinstance(method_name, str) or method_name not in METHODS:
-        raise ConfigError(f"unknown adapter method {method_name!r}", path=config_path,
-                          hint=f"known methods: {', '.join(sorted(METHODS))}")
-    if not isinstance(config_values, dict):
-        raise ConfigError(f"the adapter's config must be a JSON object, got {config_values!r}", path=config_path)
-    try:
-        method = get_method(method_name)
-        config = method.config_cls.from_dict(config_values)
-    except ConfigError as exc:
-        raise ConfigError(exc.what, path=config_path, hint=exc.hint) from None
+
+def _read_hypermerge(path: Path, raw: dict[str, Any]) -> AdapterCheckpoint:
+    """A checkpoint in hypermerge's own format, checked field by field (its tensors not yet read)."""
+    config_path = path / CONFIG_FILE
+    _check_format(raw, config_path)
+    refuse_pickle(path)
+    method, config = _method_and_config(raw, config_path)
     layout = _parse_layout(raw, config_path)
     known = {"format", "format_version", "hypermerge_version", "method", "base_model", "base_fingerprint",
              "targets", "fan_in_fan_out", "config", "base_digest"}
-    checkpoint = AdapterCheckpoint(
+    return AdapterCheckpoint(
         path=path,
         method=method,
         config=config,
@@ -273,8 +198,39 @@ def read_adapter(path: str | Path) -> AdapterCheckpoint:
         metadata={k: v for k, v in raw.items() if k not in known},
         base_digest=layout.digest,
     )
-    check_layers(checkpoint)  # every tensor the fold will read, before anyone reads it
-    return checkpoint
+
+
+def _check_format(raw: dict[str, Any], config_path: Path) -> None:
+    """Refuse a config of another format, or of a format version this hypermerge does not read."""
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{CONFIG_FILE} is not a hypermerge adapter config (format {raw.get('format')!r})",
+                              path=config_path, hint="pass a directory written by hm.save_adapter")
+    version = raw.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{CONFIG_FILE} has an invalid format_version {version!r}", path=config_path,
+                              hint="re-save the adapter with hm.save_adapter")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"adapter format version {version} is newer than this hypermerge "
+                              f"reads ({FORMAT_VERSION})", path=config_path, hint="upgrade hypermerge")
+
+
+def _method_and_config(raw: dict[str, Any], config_path: Path) -> tuple[type[AdapterMethod], AdapterConfig]:
+    """The registered method the config names, and its config built from the saved values.
+
+    Raises:
+        ConfigError: an unknown method, or an invalid config (naming the config file).
+    """
+    method_name, config_values = raw.get("method", "<missing>"), raw.get("config") or {}
+    if not isinstance(method_name, str) or method_name not in METHODS:
+        raise ConfigError(f"unknown adapter method {method_name!r}", path=config_path,
+                          hint=f"known methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(config_values, dict):
+        raise ConfigError(f"the adapter's config must be a JSON object, got {config_values!r}", path=config_path)
+    try:
+        method = get_method(method_name)
+        return method, method.config_cls.from_dict(config_values)
+    except ConfigError as exc:
+        raise ConfigError(exc.what, path=config_path, hint=exc.hint) from None
 
 
 @dataclasses.dataclass
@@ -336,18 +292,6 @@ def _parse_layout(raw: dict[str, Any], config_path: Path) -> _Layout:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _refuse_pickle(path: Path) -> None:
-    if (path / WEIGHTS_FILE).exists():
-        return
-    for name in PICKLE_FILES:
-        if (path / name).exists():
-            raise CheckpointError(f"{name} is a pickle checkpoint, which hypermerge refuses to load "
-                                  "(unpickling runs arbitrary code)", path=path / name,
-                                  hint=f"convert it to {WEIGHTS_FILE} with safetensors.torch.save_file")
-    raise CheckpointError(f"no {WEIGHTS_FILE} in the adapter directory", path=path,
-                          hint="the checkpoint is incomplete; re-save it")
 
 
 def _resolve(names: list[str], available: list[str], *, what: str, path: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hypermerge.adapters import rank_allocation as ra
+import hypermerge.adapters.rank_allocation as ra
 from hypermerge.adapters.adalora import (
     AdaLoRA,
     AdaLoRAConfig,
@@ -42,13 +42,8 @@ from hypermerge.adapters.adalora import (
     check_total_steps,
     current_config,
 )
-from hypermerge.adapters.hypernetwork import (
-    ComponentHypernetwork,
-    HyperLayerMixin,
-    HypernetworkMethod,
-    generated_gradients,
-    hyper_problems,
-)
+from hypermerge.adapters.hyper_method import HyperLayerMixin, HypernetworkMethod, hyper_problems
+from hypermerge.adapters.hypernetwork import ComponentHypernetwork, generated_gradients
 from hypermerge.errors import ConfigError
 
 
@@ -203,7 +198,7 @@ class HyperAdaLoRA(HypernetworkMethod, AdaLoRA):
                                      tinit=config.tinit, tfinal=config.tfinal, total_steps=total_steps,
                                      delta_t=config.delta_t)
         if phase != ra.FINAL:
-            gen = net._cache
+            gen = net.last_generated
             grads = generated_gradients(gen) if gen is not None and gen.grad else None
             if grads is None:
                 raise ConfigError("allocate_ranks found no gradients of the generated P, Λ, Q",

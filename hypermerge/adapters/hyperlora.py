@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from hypermerge.adapters.hypernetwork import HyperLayerMixin, HypernetworkMethod, hyper_problems
+from hypermerge.adapters.hyper_method import HyperLayerMixin, HypernetworkMethod, hyper_problems
 from hypermerge.adapters.lora import LoRA, LoRAConfig, LoRALayer
 
 

@@ -50,14 +50,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
-
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer
-from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError
 
 INIT_STD = 0.02
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -147,12 +143,37 @@ class ComponentHypernetwork(nn.Module):
     def __init__(self, specs: list[MatrixSpec], rank: int, *, dim: int, depth: int, heads: int, scalar: bool,
                  zero_head: str, matrix_rank: int = 0, lambda_init: str = "zero"):
         super().__init__()
+        # The stages below create parameters in a fixed order: it fixes both the random draws
+        # (same seed, same network) and the state dict's order (checkpoints, resume).
+        self._index_tokens(specs, rank)
+        self._build_encoder(dim, depth, heads)
+        self._build_heads(dim, scalar, matrix_rank)
+        offset_lambda = scalar and zero_head == "scalar" and lambda_init == "offset"
+        self._init_heads(zero_head, offset_lambda)
+        # Keep-mask over tokens (rank allocation); True = kept. ``shrunk`` once allocation is final:
+        # heads then run on kept tokens only and matrices get only their kept components.
+        self.register_buffer("mask", torch.ones(len(self.specs) * rank, dtype=torch.bool))
+        self.shrunk = False
+        self._shrunk_slices: list[tuple[int, int, int]] | None = None
+        self.track_grads = False  # retain gradients of generated tensors (the allocator reads them)
+        self._cache: Generated | None = None
+        if scalar:
+            # λ = Head_λ(h)·readout − offset. The offset is the initial output ("offset" init) and
+            # is moved when a component is pruned so that its λ restarts at 0, as AdaLoRA zeroes
+            # a pruned λ (see HyperAdaLoRA.allocate_ranks).
+            self.register_buffer("lambda_offset", torch.zeros(len(self.specs) * rank))
+            if offset_lambda:
+                with torch.no_grad():
+                    self.lambda_offset.copy_(self._raw_lambda(self.encode()))
+
+    def _index_tokens(self, specs: list[MatrixSpec], rank: int) -> None:
+        """Number the n·r tokens: each token's matrix, layer, kind and component, and each kind's slice."""
         self.specs = list(specs)
         self.rank = rank
         self.kinds = list(dict.fromkeys(spec.kind for spec in specs))
-        layers = list(dict.fromkeys(spec.layer for spec in specs))
+        self.layer_names = list(dict.fromkeys(spec.layer for spec in specs))
         kind_index = {k: i for i, k in enumerate(self.kinds)}
-        layer_index = {k: i for i, k in enumerate(layers)}
+        layer_index = {k: i for i, k in enumerate(self.layer_names)}
         # Tokens are ordered kind by kind, so each kind's heads read one contiguous slice.
         order = sorted(range(len(specs)), key=lambda m: kind_index[specs[m].kind])
         token_matrix, self.kind_bounds, self.matrix_slot = [], [], [None] * len(specs)
@@ -163,7 +184,6 @@ class ComponentHypernetwork(nn.Module):
                 self.matrix_slot[m] = (kind, position * rank, (position + 1) * rank)
             token_matrix += members
             self.kind_bounds.append((start, len(token_matrix) * rank))
-        n_tokens = len(specs) * rank
         matrix_of_token = torch.tensor(token_matrix).repeat_interleave(rank)
         self.register_buffer("token_layer", torch.tensor([layer_index[specs[m].layer] for m in token_matrix])
                              .repeat_interleave(rank), persistent=False)
@@ -172,14 +192,20 @@ class ComponentHypernetwork(nn.Module):
         self.register_buffer("token_rank", torch.arange(rank).repeat(len(specs)), persistent=False)
         self.register_buffer("token_matrix", matrix_of_token, persistent=False)
 
+    def _build_encoder(self, dim: int, depth: int, heads: int) -> None:
+        """The tokens, the layer/kind/rank embeddings and the encoder blocks."""
         # Unit-scale tokens and embeddings: an Adam step (~lr per value) then turns the normalised
         # hidden states by ~lr, not by lr / 0.02 as with small initial values.
-        self.tokens = nn.Parameter(torch.randn(n_tokens, dim))
-        self.layer_embed = nn.Parameter(torch.randn(len(layers), dim))
+        self.tokens = nn.Parameter(torch.randn(len(self.specs) * self.rank, dim))
+        self.layer_embed = nn.Parameter(torch.randn(len(self.layer_names), dim))
         self.kind_embed = nn.Parameter(torch.randn(len(self.kinds), dim))
-        self.rank_embed = nn.Parameter(torch.randn(rank, dim))
+        self.rank_embed = nn.Parameter(torch.randn(self.rank, dim))
         self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+
+    def _build_heads(self, dim: int, scalar: bool, matrix_rank: int) -> None:
+        """The column, row and scalar heads per module kind, and the per-matrix corrections."""
+        specs = self.specs
         out_dims = [next(s.out_features for s in specs if s.kind == k) for k in self.kinds]
         in_dims = [next(s.in_features for s in specs if s.kind == k) for k in self.kinds]
         # Heads have no bias (it would be one offset shared by every matrix of a kind) and their
@@ -205,28 +231,16 @@ class ComponentHypernetwork(nn.Module):
                                              for m in kind_sizes)
             self.row_up = nn.ParameterList(nn.Parameter(torch.zeros(m, d, matrix_rank))
                                            for m, d in zip(kind_sizes, in_dims, strict=True))
-        offset_lambda = scalar and zero_head == "scalar" and lambda_init == "offset"
+
+    def _init_heads(self, zero_head: str, offset_lambda: bool) -> None:
+        """Head weights at std 0.02, and the zero head that makes the adapter start as the identity
+        (none with an offset λ: the offset does it)."""
         with torch.no_grad():
             for head in [*self.col_heads, *self.row_heads, *(self.scalar_heads or [])]:
                 nn.init.normal_(head.weight, std=INIT_STD)
             if not offset_lambda:
                 for head in self.scalar_heads if zero_head == "scalar" else self.col_heads:
                     nn.init.zeros_(head.weight)
-        # Keep-mask over tokens (rank allocation); True = kept. ``shrunk`` once allocation is final:
-        # heads then run on kept tokens only and matrices get only their kept components.
-        self.register_buffer("mask", torch.ones(n_tokens, dtype=torch.bool))
-        self.shrunk = False
-        self._shrunk_slices: list[tuple[int, int, int]] | None = None
-        self.track_grads = False  # retain gradients of generated tensors (the allocator reads them)
-        self._cache: Generated | None = None
-        if scalar:
-            # λ = Head_λ(h)·readout − offset. The offset is the initial output ("offset" init) and
-            # is moved when a component is pruned so that its λ restarts at 0, as AdaLoRA zeroes
-            # a pruned λ (see HyperAdaLoRA.allocate_ranks).
-            self.register_buffer("lambda_offset", torch.zeros(n_tokens))
-            if offset_lambda:
-                with torch.no_grad():
-                    self.lambda_offset.copy_(self._raw_lambda(self.encode()))
 
     def __getstate__(self) -> dict:
         # The cache may hold tensors of a live autograd graph, which can be neither pickled nor
@@ -261,6 +275,12 @@ class ComponentHypernetwork(nn.Module):
             carried = generated_gradients(cache)
         self._cache = self._generate(grad, versions)
         self._cache.carried = carried
+        return self._cache
+
+    @property
+    def last_generated(self) -> Generated | None:
+        """The latest generation, without generating (None before the first): what the rank
+        allocator reads the generated tensors' gradients from after a backward pass."""
         return self._cache
 
     def _raw_lambda(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -392,167 +412,6 @@ def generated_gradients(gen: Generated) -> list[torch.Tensor] | None:
     if gen.carried is not None:
         grads = [g + c for g, c in zip(grads, gen.carried, strict=True)]
     return grads
-
-
-# -- what HyperAdaLoRA and HyperLoRA share ------------------------------------------------------
-
-
-def hyper_problems(config: AdapterConfig) -> list[str]:
-    problems = []
-    for name in ("hyper_dim", "hyper_depth", "hyper_heads"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "hyper_depth" else 1):
-            problems.append(f"{name} must be a {'non-negative' if name == 'hyper_depth' else 'positive'} "
-                            f"integer, got {value!r}")
-    if not problems and config.hyper_dim % config.hyper_heads:
-        problems.append(f"hyper_dim ({config.hyper_dim}) must be divisible by hyper_heads ({config.hyper_heads})")
-    return problems
-
-
-class HyperLayerMixin:
-    """A layer whose factors come from the model's hypernetwork once attached.
-
-    Before ``attach`` (a layer built on its own, as the property tests do) it keeps its own
-    parameters and behaves like the plain method; attached, it owns no parameters.
-    """
-
-    FACTOR_NAMES: ClassVar[tuple[str, ...]]  # attributes holding the factors while not attached
-    FACTOR_KEYS: ClassVar[tuple[str, ...]]  # their names in checkpoints
-
-    def attach(self, net: ComponentHypernetwork, index: int) -> None:
-        for name in self.FACTOR_NAMES:
-            delattr(self, name)
-        # A plain attribute, not a submodule: the hypernetwork belongs to the model, once.
-        self.__dict__["hypernetwork"] = net
-        self.index = index
-        self._expected: dict[str, torch.Tensor] | None = None
-
-    @property
-    def attached(self) -> bool:
-        return "hypernetwork" in self.__dict__
-
-    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        if not self.attached:
-            return super().load_adapter_tensors(tensors)
-        # The hypernetwork is restored afterwards (load_model_tensors); keep the saved factors
-        # to check that it reproduces them.
-        unexpected = sorted(set(tensors) - set(self.FACTOR_KEYS))
-        missing = sorted(set(self.FACTOR_KEYS) - set(tensors))
-        if missing or unexpected:
-            raise AdapterMismatchError(
-                f"{self.weight_name}: adapter tensors differ (missing {missing}, unexpected {unexpected})",
-                hint="the checkpoint was written by another method or version")
-        self._expected = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
-
-
-class HypernetworkMethod:
-    """Model-level hooks of methods whose layers read a shared ``ComponentHypernetwork``.
-
-    The hypernetwork is a submodule of the model named ``<method>_hypernetwork`` (so
-    ``model.parameters()``, ``.to()`` and optimizers see it) and is saved as ``<method>::net.*``.
-    """
-
-    name: ClassVar[str]
-    rank_field: ClassVar[str]  # the config field with the components per matrix ("init_r", "r")
-    scalar_head: ClassVar[bool]  # generate λ
-    zero_head: ClassVar[str]  # the head that starts at zero: "scalar" (λ) or "cols" (LoRA's B)
-
-    @classmethod
-    def build_hypernetwork(cls, specs: list[MatrixSpec], config: AdapterConfig) -> ComponentHypernetwork:
-        return ComponentHypernetwork(specs, getattr(config, cls.rank_field), dim=config.hyper_dim,
-                                     depth=config.hyper_depth, heads=config.hyper_heads, scalar=cls.scalar_head,
-                                     zero_head=cls.zero_head, matrix_rank=getattr(config, "hyper_matrix_rank", 0),
-                                     lambda_init=getattr(config, "hyper_lambda_init", "zero"))
-
-    @classmethod
-    def attr(cls) -> str:
-        return f"{cls.name}_hypernetwork"
-
-    @classmethod
-    def hypernetwork(cls, model: nn.Module) -> ComponentHypernetwork:
-        net = getattr(model, cls.attr(), None)
-        if net is None:
-            raise ConfigError(f"the model has no {cls.name} hypernetwork",
-                              hint="inject with hm.inject or load with hm.load_adapter")
-        return net
-
-    @classmethod
-    def after_inject(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], config: AdapterConfig) -> None:
-        layer_list = list(layers.values())
-        specs = [matrix_spec(name, layer.out_features, layer.in_features) for name, layer in layers.items()]
-        net = cls.build_hypernetwork(specs, config)
-        first = layer_list[0].base_layer.weight
-        net.to(device=first.device)
-        model.add_module(cls.attr(), net)
-        for index, layer in enumerate(layer_list):
-            layer.attach(net, index)
-
-    @classmethod
-    def detach(cls, model: nn.Module) -> None:
-        if hasattr(model, cls.attr()):
-            delattr(model, cls.attr())
-
-    @classmethod
-    def checkpoint_metadata(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
-        # What was trained is the hypernetwork (and any module trained in full), not the
-        # materialised factors the checkpoint also holds.
-        return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
-    @classmethod
-    def model_tensors(cls, model: nn.Module) -> dict[str, torch.Tensor]:
-        net = cls.hypernetwork(model)
-        tensors = {f"{cls.name}::net.{k}": v for k, v in net.state_dict().items()}
-        tensors[f"{cls.name}::shrunk"] = torch.tensor([net.shrunk])
-        return tensors
-
-    @classmethod
-    def load_model_tensors(cls, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-        from hypermerge.adapters.model import adapter_state
-
-        net = cls.hypernetwork(model)
-        prefix = f"{cls.name}::net."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state and "lambda_offset" not in state and hasattr(net, "lambda_offset"):
-            # written before the λ offset existed: its λ head started at zero, without an offset
-            state["lambda_offset"] = torch.zeros_like(net.lambda_offset)
-        if not state:
-            raise CheckpointError(f"the checkpoint has no {cls.name} hypernetwork ({prefix}* tensors), which "
-                                  "loading it into a model needs", hint="hypermerge fold works without it; to "
-                                  "resume training, use a checkpoint written by hm.save_adapter")
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise AdapterMismatchError(f"the saved {cls.name} hypernetwork does not fit this model and config "
-                                       f"({str(exc).splitlines()[0]})",
-                                       hint="load the adapter into the base model it was trained on") from None
-        if bool(tensors.get(f"{cls.name}::shrunk", torch.tensor([False])).item()):
-            net.shrink()
-        net.invalidate()
-        layers = adapter_state(model).layers
-        for layer in layers.values():
-            expected, layer._expected = layer._expected, None
-            if expected is None:
-                continue
-            with torch.no_grad():
-                actual = {k: v.detach().to("cpu", torch.float32) for k, v in layer.adapter_tensors().items()}
-            for key, saved in expected.items():
-                if actual[key].shape != saved.shape:
-                    raise AdapterMismatchError(
-                        f"{layer.weight_name}::{key}: the hypernetwork generates shape {tuple(actual[key].shape)} "
-                        f"but the checkpoint holds {tuple(saved.shape)}",
-                        hint="the rank pattern and the saved hypernetwork disagree; the checkpoint was edited")
-                scale = float(saved.abs().max()) if saved.numel() else 0.0
-                error = float((actual[key] - saved).abs().max()) if saved.numel() else 0.0
-                if error > 1e-4 * max(scale, 1e-3):
-                    raise CheckpointError(
-                        f"the saved {cls.name} hypernetwork does not reproduce the saved {layer.weight_name}::{key} "
-                        f"(max difference {error:.3g})",
-                        hint="the checkpoint was written by another hypermerge version or edited; "
-                             "hypermerge fold still works (it uses the saved factors)")
-
-    @classmethod
-    def hypernetwork_parameters(cls, model: nn.Module) -> int:
-        return cls.hypernetwork(model).parameter_count()
 
 
 def parameter_count_formula(specs: list[MatrixSpec], rank: int, dim: int, depth: int, scalar: bool,

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from hypermerge.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod
+from hypermerge.adapters.base import AdapterConfig, AdapterLayer
 from hypermerge.adapters.registry import get_method
+from hypermerge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from hypermerge.adapters.targets import select_targets
 from hypermerge.errors import ConfigError
-
-_STATE_ATTR = "_hypermerge_state"
-
-
-@dataclasses.dataclass
-class AdapterState:
-    """What inject leaves on the model: the config, the wrapped layers, the frozen flags to restore."""
-
-    method: type[AdapterMethod]
-    config: AdapterConfig
-    layers: dict[str, AdapterLayer]  # base weight name -> layer
-    saved_modules: list[str]  # names of modules trained in full (modules_to_save)
-    requires_grad_before: dict[str, bool]
-
-
-def adapter_state(model: nn.Module, *, required: bool = True) -> AdapterState | None:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None and required:
-        raise ConfigError(f"{type(model).__name__} has no hypermerge adapter",
-                          hint="call hm.inject(model, config) or hm.load_adapter(model, path) first")
-    return state
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -97,7 +76,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, module_names: Sequence[st
     for name in saved_modules:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
-    setattr(model, _STATE_ATTR, AdapterState(method, config, layers, saved_modules, requires_grad_before))
+    setattr(model, STATE_ATTR, AdapterState(method, config, layers, saved_modules, requires_grad_before))
     method.after_inject(model, layers, config)
     return model
 
@@ -121,7 +100,7 @@ def fold_model(model: nn.Module) -> nn.Module:
     for layer in state.layers.values():
         _set_submodule(model, module_names[id(layer)], layer.base_layer)
     state.method.detach(model)
-    delattr(model, _STATE_ATTR)
+    delattr(model, STATE_ATTR)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, True))
     return model

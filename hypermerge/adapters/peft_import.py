@@ -33,17 +33,17 @@ from typing import Any
 
 import torch
 
-from hypermerge.adapters.checkpoint import (
+from hypermerge.adapters.checkpoint_format import (
     CONFIG_FILE,
-    FULL_SUFFIX,
     WEIGHTS_FILE,
     AdapterCheckpoint,
-    _refuse_pickle,
     read_safetensors,
+    refuse_pickle,
 )
 from hypermerge.adapters.dora import DoRA, DoRAConfig
 from hypermerge.adapters.ia3 import IA3, IA3Config
 from hypermerge.adapters.lora import LoRA, LoRAConfig
+from hypermerge.adapters.validation import FULL_SUFFIX
 from hypermerge.errors import CheckpointError, ConfigError
 
 PEFT_PREFIX = "base_model.model."
@@ -105,7 +105,7 @@ def read_peft_adapter(path: Path, raw: dict[str, Any]) -> AdapterCheckpoint:
                               "and IA3 can)", path=config_path, hint="merge it with PEFT's merge_and_unload()")
     _check_types(raw, config_path)
     _refuse_options(raw, config_path)
-    _refuse_pickle(path)
+    refuse_pickle(path)
     weights_path = path / WEIGHTS_FILE
     saved = read_safetensors(weights_path, what="adapter weights")
     modules, full = _split_keys(saved, weights_path)
@@ -135,7 +135,7 @@ def read_peft_adapter(path: Path, raw: dict[str, Any]) -> AdapterCheckpoint:
         targets=targets,
         fan_in_fan_out=set(targets) if raw.get("fan_in_fan_out") else set(),
         metadata={"source": "peft", "peft_type": peft_type, "peft_version": raw.get("peft_version"), **extra},
-        _tensors=tensors,
+        loaded=tensors,
         peft_parameters=sum(t.numel() for t in saved.values()),
     )
 

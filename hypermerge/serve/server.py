@@ -28,10 +28,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
 from hypermerge.errors import HypermergeError
 from hypermerge.runtime.model import OnnxModel
-from hypermerge.serve.app import ServeSettings
+from hypermerge.serve.app import create_app
 from hypermerge.serve.auth import exposure_warning
+from hypermerge.serve.metrics import MULTIPROC_ENV, Metrics
+from hypermerge.serve.settings import ServeSettings
 
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 SETTINGS_ENV = "HYPERMERGE_SERVE_SETTINGS"  # JSON {"path": ..., **ServeSettings} for worker processes
@@ -85,9 +90,7 @@ def _print_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _uvicorn_config(app, settings: ServeSettings, **extra):
-    import uvicorn
-
+def _uvicorn_config(app, settings: ServeSettings, **extra) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, workers=settings.workers,
                           log_level="warning" if settings.quiet else "info", access_log=not settings.quiet,
                           timeout_graceful_shutdown=settings.graceful_timeout, lifespan="on", **extra)
@@ -107,11 +110,6 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
     Raises:
         HypermergeError: a start-up failure (see the module docstring).
     """
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
-    from hypermerge.serve.app import create_app
-
     settings = settings or ServeSettings()
     sock = bind(settings.host, settings.port)  # first: a taken port is known before a long model load
     try:
@@ -121,32 +119,46 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
     except BaseException:
         sock.close()
         raise
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"serving {model.path} ({model.task}, {model.provider}) on http://{shown}:{port} "
-             f"with {settings.workers} worker{'s' if settings.workers > 1 else ''}, "
-             f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms, max queue {settings.queue_limit}"
-             + (f", request timeout {settings.request_timeout:g} s" if settings.request_timeout else "")
-             + (f", adapters {', '.join(sorted(settings.adapters))}" if settings.adapters else "")
-             # how many keys, never which
-             + (f", {len(settings.api_keys)} API key{'s' if len(settings.api_keys) > 1 else ''}"
-                if settings.api_keys else ""))
+    announce(announcement(model, settings, sock))
     warning = exposure_warning(settings.host, settings.api_keys)
     if warning is not None:
         warn(warning)
-    settings = dataclasses.replace(settings, port=port)
+    settings = dataclasses.replace(settings, port=sock.getsockname()[1])
     if settings.workers == 1:
-        server = uvicorn.Server(_uvicorn_config(app, settings))
-        # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
-        # handler in place that ends in a normal return (exit 0), not a death by SIGTERM
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        try:
-            server.run(sockets=[sock])
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            sock.close()
-        return
-    del model, app  # each worker loads its own
+        _run_one(app, settings, sock)
+    else:
+        del model, app  # each worker loads its own
+        _run_workers(path, settings, sock)
+
+
+def announcement(model: OnnxModel, settings: ServeSettings, sock: socket.socket) -> str:
+    """The one line saying what is served where, and how (the number of API keys, never which)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return (f"serving {model.path} ({model.task}, {model.provider}) on http://{shown}:{port} "
+            f"with {settings.workers} worker{'s' if settings.workers > 1 else ''}, "
+            f"max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms, max queue {settings.queue_limit}"
+            + (f", request timeout {settings.request_timeout:g} s" if settings.request_timeout else "")
+            + (f", adapters {', '.join(sorted(settings.adapters))}" if settings.adapters else "")
+            + (f", {len(settings.api_keys)} API key{'s' if len(settings.api_keys) > 1 else ''}"
+               if settings.api_keys else ""))
+
+
+def _run_one(app, settings: ServeSettings, sock: socket.socket) -> None:
+    """Serve ``app`` in this process until SIGTERM or Ctrl-C."""
+    server = uvicorn.Server(_uvicorn_config(app, settings))
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
+    # handler in place that ends in a normal return (exit 0), not a death by SIGTERM
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+
+
+def _run_workers(path: str | Path, settings: ServeSettings, sock: socket.socket) -> None:
+    """Serve with ``settings.workers`` processes sharing ``sock``, each loading the model itself."""
     metrics_dir = tempfile.mkdtemp(prefix="hypermerge-metrics-")
     # adapter directories made absolute: what the parent checked is what the workers load
     settings = dataclasses.replace(settings, adapters={name: str(Path(d).absolute()) for name, d in
@@ -163,9 +175,6 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *,
 
 def app_from_env():
     """The app of one worker process (uvicorn calls this factory in each worker)."""
-    from hypermerge.serve.app import create_app
-    from hypermerge.serve.metrics import MULTIPROC_ENV, Metrics
-
     values = json.loads(os.environ[SETTINGS_ENV])
     path = values.pop("path")
     settings = ServeSettings(**values)

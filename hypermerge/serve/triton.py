@@ -147,6 +147,29 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, *, name: str | N
     """
     export_dir = require_dir(export_dir, "exported model directory").absolute()
     name = name or export_dir.name
+    problems = _setting_problems(name, max_batch, max_queue_delay_us, instances, kind)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    source = export_dir / model_file
+    if not source.is_file():
+        raise ExportError(f"no {model_file} in the exported directory", path=export_dir,
+                          hint="export it first with hypermerge export")
+    inputs, outputs = graph_io(source)
+    contract = contract_from_onnx([i.name for i in inputs], [o.name for o in outputs])
+    batched = max_batch > 0 and _batch_axis_first(inputs + outputs)
+    labels = _labels(export_dir) if contract.task == SEQUENCE_CLASSIFICATION else []
+    text = render_config(name, _tensor_specs(inputs, batched), _tensor_specs(outputs, batched),
+                         max_batch=max_batch if batched else 0, max_queue_delay_us=max_queue_delay_us,
+                         instances=instances, kind=kind, model_file=MODEL_FILE,
+                         label_output="logits" if labels else None)
+    repo = Path(repo).absolute()
+    model_dir = repo / name
+    files, linked = _write_model_dir(model_dir, text, source, labels, overwrite)
+    return TritonResult(repo, model_dir, model_dir / "config.pbtxt", files, linked)
+
+
+def _setting_problems(name: str, max_batch: int, max_queue_delay_us: int, instances: int, kind: str) -> list[str]:
+    """Every invalid setting of :func:`write_triton_repo`, as messages."""
     problems = []
     if not _NAME.match(name):
         problems.append(f"model name {name!r} must be letters, digits, '_', '-' or '.'")
@@ -158,41 +181,39 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, *, name: str | N
         problems.append(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
     if max_queue_delay_us < 0:
         problems.append(f"max_queue_delay_us must be ≥ 0 (got {max_queue_delay_us})")
-    if problems:
-        raise ConfigError("; ".join(problems))
-    source = export_dir / model_file
-    if not source.is_file():
-        raise ExportError(f"no {model_file} in the exported directory", path=export_dir,
-                          hint="export it first with hypermerge export")
-    inputs, outputs = graph_io(source)
-    contract = contract_from_onnx([i.name for i in inputs], [o.name for o in outputs])
-    # Triton's batch axis is implicit: only where every tensor's first axis is the dynamic batch
-    batched = max_batch > 0 and all(
-        len(v.type.tensor_type.shape.dim) > 0 and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for v in [*inputs, *outputs])
+    return problems
+
+
+def _batch_axis_first(values: list) -> bool:
+    """Whether every tensor's first axis is dynamic: Triton's batch axis is implicit, so only then."""
+    return all(len(v.type.tensor_type.shape.dim) > 0 and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+               for v in values)
+
+
+def _labels(export_dir: Path) -> list[str]:
+    """The label names of a classifier export, in logit order (empty: its config names none)."""
     config_json = export_dir / "config.json"
     config = json.loads(config_json.read_text()) if config_json.exists() else {}
-    label_output = None
-    labels: list[str] = []
-    if contract.task == SEQUENCE_CLASSIFICATION and config.get("id2label"):
-        id2label = {int(k): v for k, v in config["id2label"].items()}
-        labels = [id2label.get(i, f"LABEL_{i}") for i in range(max(id2label) + 1)]
-        label_output = "logits"
-    text = render_config(name, _tensor_specs(inputs, batched), _tensor_specs(outputs, batched),
-                         max_batch=max_batch if batched else 0, max_queue_delay_us=max_queue_delay_us,
-                         instances=instances, kind=kind, model_file=MODEL_FILE, label_output=label_output)
-    repo = Path(repo).absolute()
+    if not config.get("id2label"):
+        return []
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(max(id2label) + 1)]
+
+
+def _write_model_dir(model_dir: Path, config_text: str, source: Path, labels: list[str],
+                     overwrite: bool) -> tuple[list[str], bool]:
+    """Write ``model_dir`` atomically; return its files and whether the model files were hard-linked."""
     linked = True
-    with atomic_output_dir(repo / name, overwrite=overwrite) as tmp:
-        (tmp / "config.pbtxt").write_text(text)
+    with atomic_output_dir(model_dir, overwrite=overwrite) as tmp:
+        (tmp / "config.pbtxt").write_text(config_text)
         version = tmp / "1"
         version.mkdir()
         # the graph names its external weights file; it keeps its name, the graph becomes model.onnx
         linked &= _link_or_copy(source, version / MODEL_FILE)
-        for data in sorted(export_dir.glob(f"{model_file}.data")) + sorted(export_dir.glob(f"{model_file}_data")):
-            linked &= _link_or_copy(data, version / data.name)
+        for suffix in (".data", "_data"):
+            for data in sorted(source.parent.glob(f"{source.name}{suffix}")):
+                linked &= _link_or_copy(data, version / data.name)
         if labels:
             (tmp / "labels.txt").write_text("\n".join(labels) + "\n")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    model_dir = repo / name
-    return TritonResult(repo, model_dir, model_dir / "config.pbtxt", files, linked)
+    return files, linked

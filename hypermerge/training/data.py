@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -183,8 +184,6 @@ def read_examples(path: str | Path, text_field: str, label_field: str | None) ->
     Raises:
         DataError: the file is missing or unreadable, a line is not JSON, or a row lacks ``text_field``.
     """
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise DataError("data file not found", path=path, hint="check data.train / data.validation in the recipe")

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _LAYER = re.compile(r"^(?:.*?\.)?(\d+)\.(.+?)(?:\.weight)?$")
 
 
@@ -87,8 +89,6 @@ def ranks_plot(rank_pattern: Mapping[str, int], budget: Sequence[Sequence[int]],
     Returns:
         ``path``.
     """
-    import numpy as np
-
     cells = {split_weight_name(name): rank for name, rank in rank_pattern.items()}
     layers = sorted({layer for layer, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     modules = sorted({module for _, module in cells})

@@ -20,17 +20,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import re
-import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from hypermerge._fs import require_dir
 from hypermerge.adapters.registry import METHODS, config_from_dict
 from hypermerge.errors import ConfigError
+from hypermerge.packaged import packaged_model_path
+from hypermerge.training.data import BUILTIN
+from hypermerge.training.typed_yaml import RecipeLoader, build_section, parse_yaml
+
+# the old name of the loader (tests/reliability/test_no_pickle.py checks that it is a SafeLoader)
+_RecipeLoader = RecipeLoader
 
 TASKS = ("sequence-classification", "causal-lm")
 FULL_FINE_TUNE = "full"  # adapter.method for training every weight (no adapter)
@@ -62,9 +66,6 @@ class ModelSpec:
         Raises:
             CheckpointError: the package is unknown or not installed, or the path does not exist.
         """
-        from hypermerge._fs import require_dir
-        from hypermerge.packaged import packaged_model_path
-
         if self.package is not None:
             return packaged_model_path(self.package)
         return require_dir(Path(self.path).expanduser().absolute(), "model directory")
@@ -99,8 +100,6 @@ class DataSpec:
     eval_examples: int | None = None
 
     def problems(self, where: str, task: str | None) -> list[str]:
-        from hypermerge.training.data import BUILTIN
-
         problems = []
         if (self.name is None) == (self.train is None):
             problems.append(f"{where}: give exactly one of name (a built-in set: {', '.join(BUILTIN)}) "
@@ -323,9 +322,9 @@ class Recipe:
         task = raw.get("task")
         if task is not None and task not in TASKS:
             problems.append(f"task: unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
-        model = _build(ModelSpec, raw.get("model"), "model", problems)
-        data = _build(DataSpec, raw.get("data"), "data", problems)
-        training = _build(TrainingSpec, raw.get("training") or {}, "training", problems)
+        model = build_section(ModelSpec, raw.get("model"), "model", problems)
+        data = build_section(DataSpec, raw.get("data"), "data", problems)
+        training = build_section(TrainingSpec, raw.get("training") or {}, "training", problems)
         output_dir = raw.get("output_dir")
         if output_dir is not None and not isinstance(output_dir, str):
             problems.append(f"output_dir: must be a path string, got {output_dir!r}")
@@ -362,96 +361,6 @@ _SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
-
-
-def _type_problem(value: Any, annotation: Any) -> str | None:
-    """None if ``value`` fits ``annotation`` (the few types recipes use), else what was expected."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        failures = [_type_problem(value, a) for a in options if a is not type(None)]
-        if any(f is None for f in failures):
-            return None
-        return " or ".join([f for f in failures if f] + (["null"] if type(None) in options else []))
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        return None if value in choices else f"one of {', '.join(map(str, choices))}"
-    if annotation is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if annotation is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if annotation is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if annotation is str:
-        return None if isinstance(value, str) else "a string"
-    if annotation is dict:
-        return None if isinstance(value, Mapping) else "a mapping"
-    return None
-
-
-def _accepts_float(annotation: Any) -> bool:
-    return annotation is float or float in typing.get_args(annotation)
-
-
-def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
-    """Build section dataclass ``cls`` from ``raw``, appending every problem to ``problems``."""
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: must be a mapping, got {raw!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        problems.append(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys are {', '.join(fields)}")
-    # Values of the wrong type are reported and left at their defaults, so the section's own
-    # checks (which read several fields) still run and report their problems in the same error.
-    values, ok = {}, True
-    for name, field in fields.items():
-        if name not in raw:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                problems.append(f"{where}.{name}: missing")
-                ok = False
-            continue
-        value = raw[name]
-        expected = _type_problem(value, hints[name])
-        if expected:
-            problems.append(f"{where}.{name}: expected {expected}, got {value!r}")
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and _accepts_float(hints[name]):
-            value = float(value)
-        values[name] = value
-    return cls(**values) if ok else None
-
-
-# -- YAML ------------------------------------------------------------------------------------
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``2e-4`` as a float (YAML 1.1 wants ``2.0e-4``; users write ``2e-4``)."""
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str, *, path: str | Path | None = None) -> Any:
-    """Parse recipe YAML (scientific notation without a dot is a float).
-
-    Raises:
-        ConfigError: the text is not valid YAML (with the line).
-    """
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"the recipe is not valid YAML{where} ({problem})", path=path) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

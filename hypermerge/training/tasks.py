@@ -22,7 +22,9 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 
-from hypermerge.training import data as builtin_data
+import hypermerge.training.data as builtin_data
+from hypermerge.fold.engine import check_finite_weights
+from hypermerge.fold.hfdir import open_base
 from hypermerge.training.data import DataError
 from hypermerge.training.recipe import Recipe
 
@@ -237,9 +239,6 @@ def load_model(recipe: Recipe, base: Path, label_names: tuple[str, ...] | None,
         CheckpointError: no safetensors weights (pickle ones are refused: unpickling runs arbitrary
             code), a damaged shard, or NaN/Inf in a weight.
     """
-    from hypermerge.fold.engine import check_finite_weights
-    from hypermerge.fold.hfdir import open_base
-
     checkpoint = open_base(base)  # headers only: safetensors, complete, consistent
     with quiet_transformers():
         if recipe.task == "sequence-classification":
