@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -14,24 +12,30 @@ from tqdm.auto import tqdm
 
 from hypermerge._fs import atomic_output_dir, require_dir
 from hypermerge._version import __version__
-from hypermerge.errors import ConfigError, ExportError, HypermergeError, ParityError
+from hypermerge.errors import ConfigError, ExportError, ParityError
 from hypermerge.export import certificate as cert
 from hypermerge.export import optimize as opt
 from hypermerge.export import quantize as wq
 from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.adapter_inputs import ScaleInputs, scales_section
+from hypermerge.export.certificate import weights_sha256
 from hypermerge.export.latency import measure
 from hypermerge.export.onnx_export import DEFAULT_OPSET, export_onnx, hf_tokenizer, load_torch_model, wrap
 from hypermerge.export.parity import TOLERANCES, Tolerance, check_parity, failure_summary
-from hypermerge.export.report import FORMAT, read_report, to_markdown, write_report
-from hypermerge.export.runtime import MODEL_FILE
+from hypermerge.export.report import FORMAT, read_report, to_markdown, utc_now, write_report
 from hypermerge.export.tasks import CAUSAL_LM, check_task, detect_task, read_config
+from hypermerge.export.verification import (
+    Reference,
+    cases_within,
+    drop_backend,
+    reference_model,
+    verify_engine,
+)
 from hypermerge.export.weights_map import read_weights_map, record_weights_map
 from hypermerge.fold.hfdir import copy_model_files
+from hypermerge.runtime.files import ENGINE_FILE, INT8_FILE, MODEL_FILE, OPTIMIZED_FILE, WEIGHT_ONLY_FILES
 from hypermerge.runtime.ort import open_session, session_contract, session_provider, session_runner
 
-INT8_FILE = "model.int8.onnx"
-OPTIMIZED_FILE = "model.optimized.onnx"  # becomes model.onnx once measured
 # latency defaults: the issue's MiniLM benchmark shape for encoders; a 64-token prompt for causal LMs
 DEFAULT_LATENCY_SHAPE = {"encoder": (8, 64), CAUSAL_LM: (1, 64)}
 
@@ -71,27 +75,12 @@ class ExportResult:
     seconds: float
 
 
-def weights_sha256(model_dir: Path) -> str:
-    """One hash over the directory's safetensors files (to tell a changed source from a bad export)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _io_spec(session) -> tuple[list[dict], list[dict]]:
     def spec(values):
         return [{"name": v.name, "dtype": v.type.removeprefix("tensor(").rstrip(")"), "shape": list(v.shape)}
                 for v in values]
 
     return spec(session.get_inputs()), spec(session.get_outputs())
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class _Stages:
@@ -199,7 +188,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
             tokenizer = hf_tokenizer(model_dir)
             session = open_session(tmp / MODEL_FILE, provider, threads, exact=True)
             inputs, outputs = _io_spec(session)
-            report = {"format": FORMAT, "format_version": 1, "hypermerge": __version__, "created_at": _now(),
+            report = {"format": FORMAT, "format_version": 1, "hypermerge": __version__, "created_at": utc_now(),
                       "source": {"path": str(model_dir), "weights_sha256": weights_sha256(model_dir)},
                       "task": task, "opset": opset, "dtype": "float32",
                       "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
@@ -264,7 +253,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto", *, 
                 if report["latency"]:
                     report["optimize"]["plain_p50_ms"] = report["latency"]["onnxruntime_unoptimized"]["p50_ms"]
                     report["optimize"]["optimized_p50_ms"] = report["latency"]["onnxruntime"]["p50_ms"]
-                    _drop_backend(report["latency"], "onnxruntime_unoptimized")
+                    drop_backend(report["latency"], "onnxruntime_unoptimized")
                 del session, backends
                 move_onnx(served, tmp / MODEL_FILE)
             if decoder_quant is not None:
@@ -329,14 +318,6 @@ def remove_onnx(path: Path) -> None:
         path.unlink()
 
 
-def _drop_backend(latency: dict, name: str) -> None:
-    latency.pop(name, None)
-    latency.get("ratio", {}).pop(name, None)
-    step = latency.get("decode_step")
-    if step:
-        _drop_backend(step, name)
-
-
 def _check_quantize(quantize: str | None, task: str, block_size: int, accuracy_level: int) -> None:
     if quantize not in (None, *wq.BITS):
         raise ConfigError(f"unknown quantization {quantize!r}", hint=f"use {' or '.join(wq.BITS)}")
@@ -353,7 +334,7 @@ def _check_quantize(quantize: str | None, task: str, block_size: int, accuracy_l
 def _weight_only(src: Path, out_dir: Path, scheme: str, config, external_data: bool, provider: str, threads: int,
                  fp32_run, model, wrapper, contract, tokenizer, new_tokens: int):
     """Write the weight-only model beside the fp32 one and measure it (kept or not: decided later)."""
-    dst = out_dir / wq.WEIGHT_ONLY_FILES[scheme]
+    dst = out_dir / WEIGHT_ONLY_FILES[scheme]
     details = wq.quantize_weight_only(src, dst, config, external_data=external_data)
     run = session_runner(open_session(dst, provider, threads), contract)
     quality = wq.measure_decode_quality(scheme, dst, fp32_run, run, details, model=model, wrapper=wrapper,
@@ -367,7 +348,7 @@ def _decide_weight_only(out_dir: Path, quality, latency: dict | None) -> dict:
     if not quality.decide():
         remove_onnx(out_dir / quality.file)
         if latency:
-            _drop_backend(latency, f"onnxruntime_{quality.scheme}")
+            drop_backend(latency, f"onnxruntime_{quality.scheme}")
     return quality.to_dict()
 
 
@@ -404,7 +385,7 @@ def _decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dic
         why = [f"{metric} {accuracy[metric]:.4f} < {bound}"] * (not within) + ["not faster than fp32"] * (not faster)
         reason = f"Not kept ({'; '.join(why)}): only model.onnx (fp32) is in the directory."
         remove_onnx(out_dir / INT8_FILE)
-        _drop_backend(latency, "onnxruntime_int8")
+        drop_backend(latency, "onnxruntime_int8")
     mixed = f", {accuracy['fp32_matmuls']} MLP down-projections kept fp32" if accuracy.get("fp32_matmuls") else ""
     return {"method": f"onnxruntime dynamic quantization (weights int8 per channel, activations uint8{mixed})",
             "file": INT8_FILE, "kept": kept, "accuracy": accuracy, "bound": {"metric": metric, "min": bound},
@@ -412,33 +393,17 @@ def _decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dic
             "ratio_to_torch": p50 / latency["torch"]["p50_ms"], "reason": reason}
 
 
-def _cases_within(shape_range, task: str):
-    """The default parity cases that fit a TensorRT profile (the opt point if none does)."""
-    from hypermerge.export.parity import CAUSAL_CASES, ENCODER_CASES, Case
-
-    cases = CAUSAL_CASES if task == CAUSAL_LM else ENCODER_CASES
-    low, high = shape_range.min, shape_range.max
-
-    def fits(case) -> bool:
-        return (low.batch <= case.batch <= high.batch and low.seq <= case.seq <= high.seq
-                and (task != CAUSAL_LM or low.past <= case.past <= high.past))
-
-    inside = tuple(case for case in cases if fits(case))
-    opt_point = shape_range.opt
-    return inside or (Case(opt_point.batch, opt_point.seq, opt_point.past),)
-
-
 def _tensorrt(out_dir: Path, contract, shape_range, precision: str, model, wrapper, tokenizer, new_tokens: int,
               verify: bool):
     trt = trt_mod.require_tensorrt()
     section = trt_mod.build_engine(trt, out_dir / MODEL_FILE, out_dir, contract, shape_range, precision)
-    runner = trt_mod.TensorRTRunner(trt, out_dir / trt_mod.ENGINE_FILE, order=list(contract.outputs))
+    runner = trt_mod.TensorRTRunner(trt, out_dir / ENGINE_FILE, order=list(contract.outputs))
     if verify:
         greedy_fits = (shape_range.min.batch <= 3 <= shape_range.max.batch
                        and shape_range.max.past >= 11 + new_tokens and shape_range.min.past == 0)
         parity = check_parity(runner, model, wrapper, contract, backend=f"tensorrt:{precision}",
                               tolerance=TOLERANCES[precision], new_tokens=new_tokens, tokenizer=tokenizer,
-                              cases=_cases_within(shape_range, contract.task), greedy=greedy_fits)
+                              cases=cases_within(shape_range, contract.task), greedy=greedy_fits)
         section["parity"] = parity
         if not parity["passed"]:
             raise ParityError(f"the TensorRT engine does not match PyTorch: {failure_summary(parity)}",
@@ -511,10 +476,10 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
     tolerance = tolerance or TOLERANCES["fp32"]
     threads = threads or (report.get("latency") or {}).get("threads") or torch.get_num_threads()
     # the quantized file an export kept: model.int8.onnx, or a causal LM's weight-only model.int4.onnx
-    quant_file = next((name for name in (INT8_FILE, wq.WEIGHT_ONLY_FILES["int4"]) if (export_dir / name).exists()),
+    quant_file = next((name for name in (INT8_FILE, WEIGHT_ONLY_FILES["int4"]) if (export_dir / name).exists()),
                       None)
-    has_int8, has_engine = quant_file is not None, (export_dir / trt_mod.ENGINE_FILE).exists()
-    quant_label = "int4" if quant_file == wq.WEIGHT_ONLY_FILES["int4"] else "int8"
+    has_int8, has_engine = quant_file is not None, (export_dir / ENGINE_FILE).exists()
+    quant_label = "int4" if quant_file == WEIGHT_ONLY_FILES["int4"] else "int8"
     names = ["loading", "parity"] + [quant_label] * has_int8 + ["TensorRT"] * has_engine + ["latency"]
     stage = _Stages(names, progress)
     try:
@@ -522,18 +487,15 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
         session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
         contract = session_contract(session)
         adapters = (report.get("source") or {}).get("adapters") or []
-        if adapters:  # a patched export: the reference is the source with those adapters folded in
-            from hypermerge.patch.engine import folded_reference
-
-            model = folded_reference(source_path, contract.task, adapters, read_weights_map(export_dir))
-        else:
-            model = load_torch_model(source_path, contract.task)
+        # a patched export: the reference is the source with those adapters folded in
+        model = reference_model(source_path, contract.task, adapters,
+                                read_weights_map(export_dir) if adapters else None)
         wrapper, _ = wrap(model, contract.task)
         tokenizer = hf_tokenizer(export_dir)
         inputs, outputs = _io_spec(session)
         sha = weights_sha256(source_path)
         recorded = (report.get("source") or {}).get("weights_sha256")
-        report.update({"format": FORMAT, "format_version": 1, "hypermerge": __version__, "verified_at": _now(),
+        report.update({"format": FORMAT, "format_version": 1, "hypermerge": __version__, "verified_at": utc_now(),
                        "task": contract.task, "inputs": inputs, "outputs": outputs,
                        "model_file": MODEL_FILE})
         report.setdefault("opset", _opset(export_dir / MODEL_FILE))
@@ -555,7 +517,11 @@ def verify_export(export_dir: str | Path, *, source: str | Path | None = None, p
             backends[f"onnxruntime_{quant_label}"] = session_runner(int8, contract)
         if has_engine:
             stage("TensorRT")
-            _verify_engine(export_dir, report, contract, model, wrapper, tokenizer, new_tokens, backends, failures)
+            runner, failure = verify_engine(export_dir, report.setdefault("tensorrt", {}), contract,
+                                            Reference(model, wrapper, tokenizer), new_tokens)
+            if runner is not None:
+                backends["tensorrt"] = runner
+            failures += [failure] if failure else []
         stage("latency")
         batch, seq = _default_shape(contract.task, batch or (report.get("latency") or {}).get("batch"),
                                     seq or (report.get("latency") or {}).get("seq"))
@@ -599,25 +565,3 @@ def _opset(path: Path) -> int | None:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _verify_engine(export_dir: Path, report: dict, contract, model, wrapper, tokenizer, new_tokens: int,
-                   backends: dict, failures: list) -> None:
-    section = report.setdefault("tensorrt", {})
-    try:
-        trt = trt_mod.require_tensorrt()
-    except HypermergeError as error:
-        section["reverified"] = f"no: {error.what}"
-        return
-    precision = section.get("precision", "fp16")
-    runner = trt_mod.TensorRTRunner(trt, export_dir / trt_mod.ENGINE_FILE, order=list(contract.outputs))
-    profile = section.get("profile")
-    shape_range = trt_mod.ShapeRange(*(trt_mod.ShapePoint(**profile[k]) for k in ("min", "opt", "max"))) \
-        if profile else trt_mod.parse_shapes(None, contract.task)
-    section["parity"] = check_parity(runner, model, wrapper, contract, backend=f"tensorrt:{precision}",
-                                     tolerance=TOLERANCES[precision], new_tokens=new_tokens, tokenizer=tokenizer,
-                                     cases=_cases_within(shape_range, contract.task))
-    section["reverified"] = "yes"
-    backends["tensorrt"] = runner
-    if not section["parity"]["passed"]:
-        failures.append(f"TensorRT: {failure_summary(section['parity'])}")

@@ -23,11 +23,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hypermerge.adapters import load_adapter
+from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hypermerge.errors import HypermergeError, ParityError
+from hypermerge.export.parity import TOLERANCES
+from hypermerge.export.verification import Reference, onnx_label, onnx_runner, reference_model
+from hypermerge.fold.engine import PROVENANCE_FILE  # written by fold, copied into the export with the config
+from hypermerge.runtime.files import ENGINE_FILES, MODEL_FILE
+from hypermerge.runtime.ort import open_session, session_contract
 
 CHAIN = "adapter -> base -> folded weights -> engine"
-PROVENANCE_FILE = "hypermerge_fold.json"  # written by fold, copied into the export with the config
-ENGINE_FILES = ("model.onnx", "model.onnx.data", "model.engine")
 FOLD_TOLERANCE = {"float16": "fp16", "bfloat16": "bf16"}  # the fold's dtype rounds every weight once
 
 
@@ -56,6 +61,11 @@ def file_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """One hash over the directory's safetensors files (to tell a changed source from a bad export)."""
+    return file_sha256(sorted(Path(model_dir).glob("*.safetensors")))
+
+
 def engine_sha256(export_dir: Path) -> str:
     """sha256 of the files that compute: model.onnx, its external data, the TensorRT engine."""
     return file_sha256([export_dir / name for name in ENGINE_FILES])
@@ -63,8 +73,6 @@ def engine_sha256(export_dir: Path) -> str:
 
 def adapter_sha256(adapter_dir: Path) -> str | None:
     """sha256 of an adapter's files, as fold records it (None if the directory is gone)."""
-    from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
     if not (adapter_dir / CONFIG_FILE).is_file():
         return None
     return file_sha256([adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE])
@@ -80,8 +88,6 @@ def read_provenance(model_dir: Path) -> dict | None:
 
 def fold_certificate(source_dir: Path, source_sha256: str) -> dict | None:
     """The chain's links up to the folded weights, from the fold's provenance (None: not a fold)."""
-    from hypermerge.export.api import weights_sha256
-
     provenance = read_provenance(source_dir)
     if provenance is None or "adapter" not in provenance:
         return None
@@ -129,41 +135,26 @@ def end_to_end(export_dir: Path, certificate: dict, *, task: str, provider: str,
     Returns:
         The parity section with ``passed``, or ``{"passed": None, "why": ...}`` when it cannot run.
     """
-    import hypermerge as hm
-    from hypermerge.export.onnx_export import hf_tokenizer, load_torch_model, wrap
-    from hypermerge.export.parity import TOLERANCES, check_parity
-    from hypermerge.runtime.ort import open_session, session_contract, session_provider, session_runner
-
     adapter, base = Path(certificate["adapter"]["path"]), Path(certificate["base"]["path"])
     if not (adapter / "adapter_config.json").is_file():
         return {"passed": None, "why": f"the adapter {adapter} is not reachable"}
     if not (base / "config.json").is_file():
         return {"passed": None, "why": f"the base {base} is not reachable"}
     try:
-        if adapters_before:
-            from hypermerge.patch.engine import folded_reference
-
-            model = folded_reference(base, task, adapters_before, weights_map)
-        else:
-            model = load_torch_model(base, task)
-        hm.load_adapter(model, adapter)
+        model = reference_model(base, task, adapters_before or (), weights_map)
+        load_adapter(model, adapter)
     except HypermergeError as error:
         return {"passed": None, "why": f"the adapter model could not be built: {error.what}"}
-    model.eval()
-    wrapper, _ = wrap(model, task)
-    session = open_session(export_dir / "model.onnx", provider, threads, exact=True)
+    reference = Reference.of(model.eval(), task, export_dir)
+    session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
     contract = session_contract(session)
     tolerance = TOLERANCES[FOLD_TOLERANCE.get(str((certificate.get("folded") or {}).get("dtype")), "fp32")]
-    section = check_parity(session_runner(session, contract), model, wrapper, contract,
-                           backend=f"onnxruntime:{session_provider(session)} vs base+adapter (unfolded, PyTorch)",
-                           tolerance=tolerance, new_tokens=new_tokens, tokenizer=hf_tokenizer(export_dir))
-    return section
+    return reference.parity(onnx_runner(session, contract), contract, tolerance=tolerance, new_tokens=new_tokens,
+                            backend=f"{onnx_label(session)} vs base+adapter (unfolded, PyTorch)")
 
 
 def check_links(export_dir: Path, certificate: dict) -> list[LinkCheck]:
     """Re-hash every link of a recorded certificate, in chain order."""
-    from hypermerge.export.api import weights_sha256
-
     checks = []
     adapter = certificate.get("adapter") or {}
     if adapter.get("sha256"):

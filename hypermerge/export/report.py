@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
+from hypermerge.runtime.files import REPORT_JSON, REPORT_MD
+
 FORMAT = "hypermerge-export-report"
+
+
+def utc_now() -> str:
+    """The time a report records (created_at, verified_at, patched_at): UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_report(out_dir: Path, report: dict) -> None:

@@ -38,10 +38,25 @@ from tqdm.auto import tqdm
 
 from hypermerge._fs import atomic_output_dir
 from hypermerge._version import __version__
+from hypermerge.adapters.base_digest import sample_of
 from hypermerge.adapters.checkpoint import AdapterCheckpoint, read_adapter
+from hypermerge.adapters.targets import match_suffix
 from hypermerge.errors import AdapterMismatchError, CheckpointError, ConfigError, ExportError, ParityError
-from hypermerge.export.report import REPORT_JSON, REPORT_MD, write_report
-from hypermerge.export.runtime import MODEL_FILE
+from hypermerge.export import certificate as cert
+from hypermerge.export import tensorrt as trt_mod
+from hypermerge.export.api import open_export
+from hypermerge.export.certificate import weights_sha256
+from hypermerge.export.parity import TOLERANCES, failure_summary
+from hypermerge.export.report import utc_now, write_report
+from hypermerge.export.verification import (
+    Reference,
+    drop_backend,
+    folded_reference,  # noqa: F401 (its old home)
+    onnx_label,
+    onnx_runner,
+    verify_engine,
+)
+from hypermerge.export.verification import source_dtype as _source_dtype  # compute_changes' name for it
 from hypermerge.export.weights_map import (
     WEIGHTS_MAP_FILE,
     Initializers,
@@ -57,12 +72,9 @@ from hypermerge.export.weights_map import (
 from hypermerge.fold.base_check import NOT_CHECKED, BaseCheck, check_base
 from hypermerge.fold.engine import FOLD_THREADS, all_finite, fold_tensor, plan_fold
 from hypermerge.fold.hfdir import BaseCheckpoint, update_config
-from hypermerge.fold.safetensors_io import TORCH_DTYPES
-from hypermerge.runtime.ort import session_contract, session_runner
-
-ENGINE_FILE = "model.engine"
-# files of an export that hold the base's weights in another form: a patched copy would be stale
-STALE_FILES = ("model.int8.onnx", "model.int8.onnx.data", ENGINE_FILE)
+from hypermerge.patch.refit import refit_engine
+from hypermerge.runtime.files import ENGINE_FILE, MODEL_FILE, REPORT_JSON, REPORT_MD, STALE_FILES
+from hypermerge.runtime.ort import open_session, session_contract
 
 
 @dataclasses.dataclass
@@ -140,10 +152,6 @@ class _Reader:
             shape, _ = self.map.fingerprint[name]
             return np.full(shape, self.map.constants[name], dtype=np.float32)
         return None
-
-
-def _source_dtype(weights_map: WeightsMap, name: str) -> torch.dtype:
-    return TORCH_DTYPES.get(weights_map.fingerprint[name][1], torch.float32)
 
 
 def _unmapped(weights_map: WeightsMap, name: str, what: str) -> ExportError:
@@ -302,27 +310,6 @@ def write_onnx(src_dir: Path, dst_dir: Path, model, inits: Initializers, updated
         shutil.copyfile(src_dir / model_file, dst_dir / model_file)
 
 
-def folded_reference(source: Path, task: str, adapters: list[str], weights_map: WeightsMap | None) -> torch.nn.Module:
-    """The PyTorch model the patched export must reproduce: the source with each adapter loaded
-    and folded in memory in turn, its weights rounded to the source's dtype as ``fold`` writes them."""
-    import hypermerge as hm
-    from hypermerge.adapters.targets import match_suffix
-    from hypermerge.export.onnx_export import load_torch_model
-
-    model = load_torch_model(source, task)
-    for adapter in adapters:
-        hm.load_adapter(model, adapter)
-        hm.fold_model(model)
-    names = list(weights_map.fingerprint) if weights_map is not None else []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            match = match_suffix(name, names)
-            dtype = _source_dtype(weights_map, match) if match else torch.float32
-            if dtype != torch.float32:
-                param.copy_(param.to(dtype).float())
-    return model.eval()
-
-
 def source_adapters(report: dict) -> list[str]:
     """The adapters already folded into an export (a patched one), in order."""
     return list((report.get("source") or {}).get("adapters") or [])
@@ -335,9 +322,6 @@ def check_export_base(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, re
     Raises:
         AdapterMismatchError: they differ and ``allow_other_base`` is false.
     """
-    from hypermerge.adapters.base_digest import sample_of
-    from hypermerge.adapters.targets import match_suffix
-
     available = list(weights_map.fingerprint)
     names = {t: m for t in checkpoint.targets if (m := match_suffix(t, available)) is not None}
 
@@ -364,9 +348,6 @@ def _certify(checkpoint: AdapterCheckpoint, content_check: BaseCheck, source_pat
     Raises:
         ParityError: the patched engine does not compute what base + adapter (unfolded) compute.
     """
-    from hypermerge.export import certificate as cert
-    from hypermerge.export.parity import failure_summary
-
     certificate = cert.patch_certificate(adapters[-1], checkpoint.content_sha256(), checkpoint.method.name,
                                          checkpoint.metadata.get("source", "hypermerge"), source_path,
                                          (report.get("source") or {}).get("weights_sha256"), content_check.to_dict(),
@@ -436,12 +417,8 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
         ParityError: the patched model does not match the folded PyTorch model (nothing is written).
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    from hypermerge.export import api
-    from hypermerge.export import tensorrt as trt_mod
-    from hypermerge.export.parity import TOLERANCES, check_parity, failure_summary
-
     start = time.perf_counter()
-    export_dir, report = api.open_export(export_dir)
+    export_dir, report = open_export(export_dir)
     if trt:
         if not (export_dir / ENGINE_FILE).is_file():
             raise ConfigError(f"--trt: the export has no TensorRT engine ({ENGINE_FILE})", path=export_dir,
@@ -482,46 +459,39 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
                    "base_content_check": content_check.to_dict(), "adapter_sha256": checkpoint.content_sha256(),
                    "graph": "unchanged (weights only)", "weights_map_built_now": built,
                    "dropped": [f"{name}: holds the base's weights" for name in dropped]}
-        report = {**report, "patch": section, "patched_at": api._now(), "hypermerge": __version__}
+        report = {**report, "patch": section, "patched_at": utc_now(), "hypermerge": __version__}
         report["source"] = {**(report.get("source") or {}), "path": str(source_path.absolute()) if str(source_path)
                             not in ("", ".") else None, "adapters": adapters}
         if "int8" in " ".join(dropped):
             report.pop("quantized", None)
             if report.get("latency"):
-                api._drop_backend(report["latency"], "onnxruntime_int8")
+                drop_backend(report["latency"], "onnxruntime_int8")
         if ENGINE_FILE in dropped:
             report.pop("tensorrt", None)
             if report.get("latency"):
-                api._drop_backend(report["latency"], "tensorrt")
+                drop_backend(report["latency"], "tensorrt")
         tolerance = tolerance or TOLERANCES["fp32"]
-        reference = contract = wrapper = tokenizer = None
+        reference = contract = None
         if verify:
             if not (source_path / "config.json").is_file():
                 raise ExportError("the base model (the PyTorch reference for --verify) is not there",
                                   path=source_path if str(source_path) not in ("", ".") else export_dir,
                                   hint="pass --source MODEL_DIR, or --no-verify")
-            session = api.open_session(tmp / MODEL_FILE, provider, threads, exact=True)
+            session = open_session(tmp / MODEL_FILE, provider, threads, exact=True)
             contract = session_contract(session)
-            reference = folded_reference(source_path, contract.task, adapters, weights_map)
-            from hypermerge.export.onnx_export import hf_tokenizer, wrap
-
-            wrapper, _ = wrap(reference, contract.task)
-            tokenizer = hf_tokenizer(tmp)
-            parity = check_parity(session_runner(session, contract), reference, wrapper, contract,
-                                  backend=f"onnxruntime:{api.session_provider(session)}", tolerance=tolerance,
-                                  new_tokens=new_tokens, tokenizer=tokenizer)
+            reference = Reference.load(source_path, contract.task, tmp, adapters, weights_map)
+            parity = reference.parity(onnx_runner(session, contract), contract, backend=onnx_label(session),
+                                      tolerance=tolerance, new_tokens=new_tokens)
             del session
             report["parity"] = result.parity = parity
             if not parity["passed"]:
-                changed = (report.get("source") or {}).get("weights_sha256") not in (None, api.weights_sha256(source_path))
+                changed = (report.get("source") or {}).get("weights_sha256") not in (None, weights_sha256(source_path))
                 raise ParityError(f"the patched model does not match the folded PyTorch model: {failure_summary(parity)}",
                                   path=export_dir, hint="the base model's weights changed since export: re-export it"
                                   if changed else "fold the adapter and export the folded model")
         else:
             report["parity"] = None
         if trt:
-            from hypermerge.patch.refit import refit_engine
-
             # the patched model's initializers: the changed ones, and any TensorRT asks for with them
             patched = Initializers(load_onnx_graph(tmp / MODEL_FILE), tmp)
             section_trt = refit_engine(trt_module, export_dir / ENGINE_FILE, tmp / ENGINE_FILE,
@@ -529,11 +499,10 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
                                        patched.array)
             report["tensorrt"] = {**(report.get("tensorrt") or {}), "refit": section_trt}
             if verify:
-                failures: list[str] = []
-                api._verify_engine(tmp, report, contract, reference, wrapper, tokenizer, new_tokens, {}, failures)
-                if failures:
+                _, failure = verify_engine(tmp, report.setdefault("tensorrt", {}), contract, reference, new_tokens)
+                if failure:
                     raise ParityError("the refitted TensorRT engine does not match the folded PyTorch model: "
-                                      + "; ".join(failures), path=export_dir,
+                                      + failure, path=export_dir,
                                       hint="TensorRT can drop a GEMM bias on refit: rebuild with hypermerge export --trt")
             result.tensorrt = report["tensorrt"]
         report["certificate"] = _certify(checkpoint, content_check, source_path, report, adapters, tmp,

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from hypermerge.errors import AdapterMismatchError, BackendUnavailableError, CheckpointError, ConfigError
+from hypermerge.runtime.files import LAYOUT_FILE
 from hypermerge.runtime.weights_map import WeightsMap, check_adapter_base
 
 INPUT_NAME = "adapter_scales"
-LAYOUT_FILE = "adapter_inputs.json"
 FORMAT = "hypermerge-adapter-inputs"
 METADATA_KEY = "hypermerge.adapter_inputs"
 
