@@ -26,7 +26,7 @@ from typing import Any
 from hypermerge.adapters import load_adapter
 from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hypermerge.errors import HypermergeError, ParityError
-from hypermerge.export.parity import TOLERANCES
+from hypermerge.export.parity import TOLERANCES, failure_summary
 from hypermerge.export.verification import Reference, onnx_label, onnx_runner, reference_model
 from hypermerge.fold.engine import PROVENANCE_FILE  # written by fold, copied into the export with the config
 from hypermerge.runtime.files import ENGINE_FILES, MODEL_FILE
@@ -102,6 +102,24 @@ def fold_certificate(source_dir: Path, source_sha256: str) -> dict | None:
         "folded": {"path": str(source_dir), "weights_sha256": source_sha256, "dtype": provenance.get("dtype"),
                    "fold_check": provenance.get("verify") or "not run (fold without --verify)"},
     }
+
+
+def certify_export(model_dir: Path, out_dir: Path, report: dict, *, task: str, provider: str, threads: int,
+                   new_tokens: int, verify: bool) -> None:
+    """Add the adapter-to-engine certificate when the source came from ``hypermerge fold``.
+
+    Raises:
+        ParityError: the engine does not compute what base + adapter (unfolded) compute.
+    """
+    certificate = fold_certificate(model_dir, report["source"]["weights_sha256"])
+    if certificate is None:
+        return
+    e2e = (end_to_end(out_dir, certificate, task=task, provider=provider, threads=threads, new_tokens=new_tokens)
+           if verify else {"passed": None, "why": "not run (--no-verify)"})
+    report["certificate"] = finish(certificate, out_dir, report["parity"], e2e)
+    if e2e.get("passed") is False:
+        raise ParityError(f"the engine does not compute what the adapter model computes: {failure_summary(e2e)}",
+                          path=model_dir, hint="fold with --verify to locate the difference; see the parity report")
 
 
 def patch_certificate(adapter: str, adapter_sha: str, method: str, adapter_format: str, base: Path,

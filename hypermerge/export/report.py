@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from hypermerge.export.certificate import markdown as certificate_markdown
+from hypermerge.export.weights_map import weights_map_markdown
 from hypermerge.runtime.files import REPORT_JSON, REPORT_MD
 
 FORMAT = "hypermerge-export-report"
@@ -15,6 +17,15 @@ FORMAT = "hypermerge-export-report"
 def utc_now() -> str:
     """The time a report records (created_at, verified_at, patched_at): UTC, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def io_spec(session) -> tuple[list[dict], list[dict]]:
+    """A session's inputs and outputs as the report lists them (name, dtype, shape)."""
+    def spec(values):
+        return [{"name": v.name, "dtype": v.type.removeprefix("tensor(").rstrip(")"), "shape": list(v.shape)}
+                for v in values]
+
+    return spec(session.get_inputs()), spec(session.get_outputs())
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -82,6 +93,28 @@ def latency_table(latency: dict) -> list[str]:
 
 def to_markdown(report: dict) -> str:
     """The report as a short markdown page (what the CLI prints after export / verify)."""
+    lines = header_lines(report)
+    parity = report.get("parity")
+    for title, section in (("onnxruntime", parity), ("TensorRT", (report.get("tensorrt") or {}).get("parity"))):
+        if section:
+            lines += parity_lines(title, section)
+    if parity is None:
+        lines += ["", "## Parity: not checked (--no-verify); run `hypermerge verify` on this directory."]
+    lines += latency_lines(report.get("latency"))
+    lines += optimize_lines(report.get("optimize"))
+    quant = report.get("quantized")
+    if quant and quant.get("kind") == "weight-only":
+        lines += weight_only_lines(quant)
+    elif quant:
+        lines += int8_lines(quant)
+    lines += tensorrt_lines(report.get("tensorrt"))
+    lines += _patch_lines(report)
+    lines += certificate_markdown(report.get("certificate"))
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(report: dict) -> list[str]:
+    """The title and what was exported: source, model file, profile, inputs and outputs."""
     lines = [f"# hypermerge export report: {report.get('task')}", ""]
     lines.append(f"- source: `{report.get('source', {}).get('path')}`")
     lines.append(f"- model: `{report.get('model_file')}` (opset {report.get('opset')}, {report.get('exporter')})")
@@ -94,57 +127,65 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- {key}: {', '.join(shown)}")
     if report.get("verified_at"):
         lines.append(f"- verified: {report['verified_at']} with hypermerge {report.get('hypermerge')}")
-    parity = report.get("parity")
-    for title, section in (("onnxruntime", parity), ("TensorRT", (report.get("tensorrt") or {}).get("parity"))):
-        if not section:
-            continue
-        verdict = "PASSED" if section["passed"] else "FAILED"
-        tol = section["tolerance"]
-        lines += ["", f"## Parity, {title} ({section['backend']}): {verdict}", "",
-                  f"Tolerance |a − e| ≤ {tol['atol']:g}·max(1, max|e|) + {tol['rtol']:g}·|e| at valid positions; shapes "
-                  + ", ".join(_case(c) for c in section["shapes"]) + ".", ""]
-        lines += parity_table(section)
-        greedy = section.get("greedy_decode")
-        if greedy:
-            lines += ["", f"Greedy decode, {greedy['batch']} left-padded prompts (lengths "
-                      f"{greedy['prompt_lengths']}), {greedy['new_tokens']} tokens with the KV cache: "
-                      + ("identical to PyTorch generate." if greedy["match"] else
-                         f"**differs** from PyTorch generate at {greedy.get('first_mismatch')}.")]
-    if parity is None:
-        lines += ["", "## Parity: not checked (--no-verify); run `hypermerge verify` on this directory."]
-    latency = report.get("latency")
-    if latency:
-        lines += ["", f"## Latency: batch {latency['batch']} × seq {latency['seq']}, {latency['threads']} threads, "
-                  f"{latency['iterations']} interleaved runs", ""]
-        lines += latency_table(latency)
-        if "decode_step" in latency:
-            lines += ["", f"One decode step (1 new token on a cache of {latency['seq']}):", ""]
-            lines += latency_table(latency["decode_step"])
-    optimize = report.get("optimize")
-    if optimize:
-        fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
-        lines += ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
-                  f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
-                  "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
-                      optimize.get("parity_passed")]]
-    quant = report.get("quantized")
-    if quant and quant.get("kind") == "weight-only":
-        lines += weight_only_lines(quant)
-    elif quant:
-        metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
-        lines += ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
-                  f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
-                  f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
-                  f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
-    trt = report.get("tensorrt")
-    if trt:
-        lines += ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
-                  f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
-    lines += _patch_lines(report)
-    from hypermerge.export.certificate import markdown as certificate_markdown
+    return lines
 
-    lines += certificate_markdown(report.get("certificate"))
-    return "\n".join(lines) + "\n"
+
+def parity_lines(title: str, section: dict) -> list[str]:
+    """One backend's parity: verdict, tolerance, the per-output table and the greedy decode."""
+    verdict = "PASSED" if section["passed"] else "FAILED"
+    tol = section["tolerance"]
+    lines = ["", f"## Parity, {title} ({section['backend']}): {verdict}", "",
+             f"Tolerance |a − e| ≤ {tol['atol']:g}·max(1, max|e|) + {tol['rtol']:g}·|e| at valid positions; shapes "
+             + ", ".join(_case(c) for c in section["shapes"]) + ".", ""]
+    lines += parity_table(section)
+    greedy = section.get("greedy_decode")
+    if greedy:
+        lines += ["", f"Greedy decode, {greedy['batch']} left-padded prompts (lengths "
+                  f"{greedy['prompt_lengths']}), {greedy['new_tokens']} tokens with the KV cache: "
+                  + ("identical to PyTorch generate." if greedy["match"] else
+                     f"**differs** from PyTorch generate at {greedy.get('first_mismatch')}.")]
+    return lines
+
+
+def latency_lines(latency: dict | None) -> list[str]:
+    """The latency tables (a causal LM's decode step too); none where nothing was measured."""
+    if not latency:
+        return []
+    lines = ["", f"## Latency: batch {latency['batch']} × seq {latency['seq']}, {latency['threads']} threads, "
+             f"{latency['iterations']} interleaved runs", ""]
+    lines += latency_table(latency)
+    if "decode_step" in latency:
+        lines += ["", f"One decode step (1 new token on a cache of {latency['seq']}):", ""]
+        lines += latency_table(latency["decode_step"])
+    return lines
+
+
+def optimize_lines(optimize: dict | None) -> list[str]:
+    """``--optimize``: the fusions, both latencies and the re-checked parity."""
+    if not optimize:
+        return []
+    fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
+    return ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
+            f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
+            "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
+                optimize.get("parity_passed")]]
+
+
+def int8_lines(quant: dict) -> list[str]:
+    """An encoder's int8 section: accuracy against its bound, speed against fp32, kept or not."""
+    metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
+    return ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
+            f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
+            f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
+            f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
+
+
+def tensorrt_lines(trt: dict | None) -> list[str]:
+    """The engine's build: TensorRT version, precision, files and flags."""
+    if not trt:
+        return []
+    return ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
+            f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
 
 
 def weight_only_lines(section: dict) -> list[str]:
@@ -168,8 +209,6 @@ def weight_only_lines(section: dict) -> list[str]:
 
 def _patch_lines(report: dict) -> list[str]:
     """The sections ``hypermerge patch`` and ``--adapter-inputs`` add (weights map, inputs, patch)."""
-    from hypermerge.export.weights_map import weights_map_markdown
-
     lines: list[str] = []
     scales = report.get("adapter_inputs")
     if scales:
