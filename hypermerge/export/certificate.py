@@ -27,6 +27,7 @@ from hypermerge.adapters import load_adapter
 from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hypermerge.errors import HypermergeError, ParityError
 from hypermerge.export.parity import TOLERANCES, failure_summary
+from hypermerge.export.report import certificate_lines as markdown  # noqa: F401 (its old home)
 from hypermerge.export.verification import Reference, onnx_label, onnx_runner, reference_model
 from hypermerge.fold.engine import PROVENANCE_FILE  # written by fold, copied into the export with the config
 from hypermerge.runtime.files import ENGINE_FILES, MODEL_FILE
@@ -221,41 +222,6 @@ _HINTS = {
     "folded weights": "restore the folded model, or export it again",
     "engine": "the exported files were modified: export again",
 }
-
-
-def markdown(certificate: dict | None) -> list[str]:
-    """The certificate as report.md lines."""
-    if not certificate:
-        return []
-    adapter, base = certificate["adapter"], certificate["base"]
-    folded, engine = certificate.get("folded"), certificate.get("engine") or {}
-    e2e = certificate.get("end_to_end") or {}
-    verdict = {True: "PASSED", False: "FAILED", None: "NOT CHECKED (--no-verify)"}[certificate.get("passed")]
-    lines = ["", f"## Certificate, {certificate['chain']}: {verdict}", "",
-             f"1. adapter `{adapter['path']}` ({adapter.get('method')}, {adapter.get('format')}), "
-             f"sha256 `{str(adapter.get('sha256'))[:16]}`",
-             f"2. base `{base['path']}`, weights sha256 `{str(base.get('weights_sha256'))[:16]}`; "
-             f"{(base.get('content_check') or {}).get('detail', 'not checked')}"]
-    if folded:
-        check = folded.get("fold_check")
-        check_text = check if isinstance(check, str) else (
-            f"fold --verify {'passed' if check.get('passed', True) else 'FAILED'} (max rel {check.get('max_rel', 0):.2g})")
-        lines.append(f"3. folded weights `{folded['path']}` ({folded.get('dtype')}), sha256 "
-                     f"`{str(folded.get('weights_sha256'))[:16]}`; {check_text}")
-    else:
-        lines.append("3. folded weights: none (patched straight into the engine)")
-    parity = engine.get("parity_vs_folded")
-    lines.append(f"4. engine sha256 `{str(engine.get('sha256'))[:16]}`; parity vs the folded model: "
-                 + {True: "passed", False: "FAILED", None: "not checked"}[parity])
-    if e2e.get("passed") is None:
-        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): not checked, {e2e.get('why')}")
-    else:
-        greedy = e2e.get("greedy_decode_match")
-        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): "
-                     f"{'passed' if e2e['passed'] else 'FAILED'}, max abs err {e2e['max_abs_err']:.2e}, "
-                     f"max rel err {e2e['max_rel_err']:.2e}"
-                     + ("" if greedy is None else f", greedy decode {'identical' if greedy else 'DIFFERS'}"))
-    return lines
 
 
 def summary(certificate: dict | None) -> dict[str, Any] | None:

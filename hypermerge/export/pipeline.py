@@ -26,7 +26,7 @@ from hypermerge.export.onnx_files import move_onnx
 from hypermerge.export.parity import TOLERANCES
 from hypermerge.export.plan import ExportPlan, ExportRun
 from hypermerge.export.quantized import quantized
-from hypermerge.export.report import FORMAT, io_spec, utc_now
+from hypermerge.export.report import ExportHeader, io_spec, utc_now
 from hypermerge.export.verification import (
     Reference,
     cases_within,
@@ -64,13 +64,10 @@ def header(run: ExportRun) -> dict:
     """The report's opening fields: provenance, the model file and its inputs and outputs."""
     plan, out = run.plan, run.out
     inputs, outputs = io_spec(run.session)
-    return {"format": FORMAT, "format_version": 1, "hypermerge": __version__, "created_at": utc_now(),
-            "source": {"path": str(plan.model_dir), "weights_sha256": weights_sha256(plan.model_dir)},
-            "task": plan.task, "opset": plan.options.opset, "dtype": "float32",
-            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            "model_file": MODEL_FILE, "external_data": (out / MODEL_DATA_FILE).exists(),
-            "inputs": inputs, "outputs": outputs, "parity": None, "latency": None,
-            **({"profile": plan.options.profile} if plan.options.profile is not None else {})}
+    source = {"path": str(plan.model_dir), "weights_sha256": weights_sha256(plan.model_dir)}
+    return ExportHeader(__version__, utc_now(), source, plan.task, plan.options.opset,
+                        f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+                        (out / MODEL_DATA_FILE).exists(), inputs, outputs, profile=plan.options.profile).to_dict()
 
 
 def onnx_parity(run: ExportRun) -> dict:

@@ -15,6 +15,7 @@ from hypermerge.export import optimize as opt
 from hypermerge.export import quantize as wq
 from hypermerge.export.onnx_files import remove_onnx
 from hypermerge.export.plan import ExportRun
+from hypermerge.export.report import Int8Section
 from hypermerge.export.tasks import CAUSAL_LM
 from hypermerge.export.verification import Reference, drop_backend, onnx_runner
 from hypermerge.runtime.files import INT8_FILE, WEIGHT_ONLY_FILES
@@ -102,7 +103,6 @@ def decide_int8(out_dir: Path, latency: dict, accuracy: dict, task: str) -> dict
         remove_onnx(out_dir / INT8_FILE)
         drop_backend(latency, "onnxruntime_int8")
     mixed = f", {accuracy['fp32_matmuls']} MLP down-projections kept fp32" if accuracy.get("fp32_matmuls") else ""
-    return {"method": f"onnxruntime dynamic quantization (weights int8 per channel, activations uint8{mixed})",
-            "file": INT8_FILE, "kept": kept, "accuracy": accuracy, "bound": {"metric": metric, "min": bound},
-            "p50_ms": p50, "fp32_p50_ms": fp32, "ratio_to_fp32": p50 / fp32,
-            "ratio_to_torch": p50 / latency["torch"]["p50_ms"], "reason": reason}
+    return Int8Section(f"onnxruntime dynamic quantization (weights int8 per channel, activations uint8{mixed})",
+                       INT8_FILE, kept, accuracy, {"metric": metric, "min": bound}, p50, fp32, p50 / fp32,
+                       p50 / latency["torch"]["p50_ms"], reason).to_dict()

@@ -2,16 +2,113 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
-from hypermerge.export.certificate import markdown as certificate_markdown
 from hypermerge.export.weights_map import weights_map_markdown
-from hypermerge.runtime.files import REPORT_JSON, REPORT_MD
+from hypermerge.runtime.files import MODEL_FILE, REPORT_JSON, REPORT_MD
 
 FORMAT = "hypermerge-export-report"
+
+
+class Section:
+    """A report.json section as a typed object (in the manner of Polygraphy's ``struct.py``): its
+    fields, in order, are the JSON's keys; ``OPTIONAL`` fields are left out while None."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as report.json holds it (same keys, same order)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The section read back from report.json (keys it does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@dataclasses.dataclass
+class ExportHeader(Section):
+    """The report's opening fields: what was exported, from where, by which hypermerge."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("profile",)
+
+    format: str = dataclasses.field(default=FORMAT, kw_only=True)
+    format_version: int = dataclasses.field(default=1, kw_only=True)
+    hypermerge: str
+    created_at: str
+    source: dict  # path, weights_sha256
+    task: str
+    opset: int
+    dtype: str = dataclasses.field(default="float32", kw_only=True)
+    exporter: str
+    model_file: str = dataclasses.field(default=MODEL_FILE, kw_only=True)
+    external_data: bool
+    inputs: list[dict]
+    outputs: list[dict]
+    parity: dict | None = None
+    latency: dict | None = None
+    profile: dict | None = None
+
+
+@dataclasses.dataclass
+class ParitySection(Section):
+    """One backend against PyTorch: per-output error statistics and, for causal LMs, greedy decode."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("greedy_decode",)
+
+    passed: bool
+    backend: str
+    tolerance: dict  # atol, rtol
+    shapes: list[dict]
+    max_abs_err: float
+    max_rel_err: float
+    outputs: dict[str, dict]
+    greedy_decode_match: bool | None = None
+    greedy_decode: dict | None = None
+
+
+@dataclasses.dataclass
+class Int8Section(Section):
+    """An encoder's ``quantized`` section: the int8 model's accuracy and speed, kept or not and why."""
+
+    method: str
+    file: str
+    kept: bool
+    accuracy: dict
+    bound: dict  # metric, min
+    p50_ms: float
+    fp32_p50_ms: float
+    ratio_to_fp32: float
+    ratio_to_torch: float
+    reason: str
+
+
+@dataclasses.dataclass
+class PatchSection(Section):
+    """``hypermerge patch``'s section: the adapter, what it changed, the base checks, what was dropped."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("seconds",)
+
+    adapter: str
+    method: str
+    format: str
+    tensors_changed: int
+    initializers_rewritten: int
+    unchanged_by_the_fold: list[str]
+    base_check: str
+    base_content_check: dict
+    adapter_sha256: str
+    graph: str
+    weights_map_built_now: bool
+    dropped: list[str]
+    seconds: float | None = None
 
 
 def utc_now() -> str:
@@ -109,7 +206,7 @@ def to_markdown(report: dict) -> str:
         lines += int8_lines(quant)
     lines += tensorrt_lines(report.get("tensorrt"))
     lines += _patch_lines(report)
-    lines += certificate_markdown(report.get("certificate"))
+    lines += certificate_lines(report.get("certificate"))
     return "\n".join(lines) + "\n"
 
 
@@ -229,4 +326,39 @@ def _patch_lines(report: dict) -> list[str]:
             lines.append("Latency above: measured on the export before the patch (same graph, same shapes).")
     if report.get("weights_map"):
         lines += weights_map_markdown(report["weights_map"])
+    return lines
+
+
+def certificate_lines(certificate: dict | None) -> list[str]:
+    """The certificate as report.md lines."""
+    if not certificate:
+        return []
+    adapter, base = certificate["adapter"], certificate["base"]
+    folded, engine = certificate.get("folded"), certificate.get("engine") or {}
+    e2e = certificate.get("end_to_end") or {}
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT CHECKED (--no-verify)"}[certificate.get("passed")]
+    lines = ["", f"## Certificate, {certificate['chain']}: {verdict}", "",
+             f"1. adapter `{adapter['path']}` ({adapter.get('method')}, {adapter.get('format')}), "
+             f"sha256 `{str(adapter.get('sha256'))[:16]}`",
+             f"2. base `{base['path']}`, weights sha256 `{str(base.get('weights_sha256'))[:16]}`; "
+             f"{(base.get('content_check') or {}).get('detail', 'not checked')}"]
+    if folded:
+        check = folded.get("fold_check")
+        check_text = check if isinstance(check, str) else (
+            f"fold --verify {'passed' if check.get('passed', True) else 'FAILED'} (max rel {check.get('max_rel', 0):.2g})")
+        lines.append(f"3. folded weights `{folded['path']}` ({folded.get('dtype')}), sha256 "
+                     f"`{str(folded.get('weights_sha256'))[:16]}`; {check_text}")
+    else:
+        lines.append("3. folded weights: none (patched straight into the engine)")
+    parity = engine.get("parity_vs_folded")
+    lines.append(f"4. engine sha256 `{str(engine.get('sha256'))[:16]}`; parity vs the folded model: "
+                 + {True: "passed", False: "FAILED", None: "not checked"}[parity])
+    if e2e.get("passed") is None:
+        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): not checked, {e2e.get('why')}")
+    else:
+        greedy = e2e.get("greedy_decode_match")
+        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): "
+                     f"{'passed' if e2e['passed'] else 'FAILED'}, max abs err {e2e['max_abs_err']:.2e}, "
+                     f"max rel err {e2e['max_rel_err']:.2e}"
+                     + ("" if greedy is None else f", greedy decode {'identical' if greedy else 'DIFFERS'}"))
     return lines

@@ -23,7 +23,7 @@ from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.api import open_export
 from hypermerge.export.certificate import weights_sha256
 from hypermerge.export.parity import TOLERANCES, Tolerance, failure_summary
-from hypermerge.export.report import utc_now, write_report
+from hypermerge.export.report import PatchSection, utc_now, write_report
 from hypermerge.export.verification import (
     Reference,
     drop_backend,
@@ -166,21 +166,19 @@ def write_patched(patch: Patch, tmp: Path) -> None:
     weights.release()
 
 
-def patch_section(patch: Patch) -> dict:
-    """The report's ``patch`` section (its ``seconds`` are added at the end)."""
+def patch_section(patch: Patch) -> PatchSection:
+    """The report's ``patch`` section (its ``seconds`` are set at the end)."""
     weights, checkpoint = patch.weights, patch.checkpoint
-    return {"adapter": patch.adapter_path, "method": checkpoint.method.name, "format": patch.adapter_format,
-            "tensors_changed": len(weights.changes), "initializers_rewritten": len(weights.initializers),
-            "unchanged_by_the_fold": sorted(weights.unchanged), "base_check": weights.base_check,
-            "base_content_check": weights.content_check.to_dict(), "adapter_sha256": checkpoint.content_sha256(),
-            "graph": "unchanged (weights only)", "weights_map_built_now": weights.map_built,
-            "dropped": [f"{name}: holds the base's weights" for name in patch.dropped]}
+    return PatchSection(patch.adapter_path, checkpoint.method.name, patch.adapter_format, len(weights.changes),
+                        len(weights.initializers), sorted(weights.unchanged), weights.base_check,
+                        weights.content_check.to_dict(), checkpoint.content_sha256(), "unchanged (weights only)",
+                        weights.map_built, [f"{name}: holds the base's weights" for name in patch.dropped])
 
 
-def patched_report(patch: Patch) -> dict:
+def patched_report(patch: Patch, section: PatchSection) -> dict:
     """The export's report with the patch, the source's adapters, and the stale backends dropped."""
     source = patch.source
-    report = {**patch.report, "patch": patch_section(patch), "patched_at": utc_now(), "hypermerge": __version__}
+    report = {**patch.report, "patch": section.to_dict(), "patched_at": utc_now(), "hypermerge": __version__}
     report["source"] = {**(report.get("source") or {}), "path": str(source.absolute()) if str(source)
                         not in ("", ".") else None, "adapters": patch.adapters}
     if "int8" in " ".join(patch.dropped):
@@ -306,14 +304,16 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
     patch = plan_patch(export_dir, adapter, options)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_patched(patch, tmp)
-        report = patched_report(patch)
+        section = patch_section(patch)
+        report = patched_report(patch, section)
         checked = patched_parity(patch, tmp, report) if verify else None
         report["parity"] = checked[0] if checked else None
         tensorrt = refitted_engine(patch, tmp, report, checked) if trt else None
         report["certificate"] = certified(patch, report, tmp)
         seconds = time.perf_counter() - start
         report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
-        report["patch"]["seconds"] = round(seconds, 2)
+        section.seconds = round(seconds, 2)
+        report["patch"] = section.to_dict()
         write_report(tmp, report)
     weights = patch.weights
     return PatchResult(Path(out).absolute(), patch.checkpoint.method.name, patch.adapter_format, len(weights.changes),
