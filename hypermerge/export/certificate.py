@@ -23,11 +23,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hypermerge.adapters import load_adapter
+from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hypermerge.errors import HypermergeError, ParityError
+from hypermerge.export.parity import TOLERANCES, failure_summary
+from hypermerge.export.report import certificate_lines as markdown  # noqa: F401 (its old home)
+from hypermerge.export.verification import Reference, onnx_label, onnx_runner, reference_model
+from hypermerge.fold.engine import PROVENANCE_FILE  # written by fold, copied into the export with the config
+from hypermerge.runtime.files import ENGINE_FILES, MODEL_FILE
+from hypermerge.runtime.ort import open_session, session_contract
 
 CHAIN = "adapter -> base -> folded weights -> engine"
-PROVENANCE_FILE = "hypermerge_fold.json"  # written by fold, copied into the export with the config
-ENGINE_FILES = ("model.onnx", "model.onnx.data", "model.engine")
 FOLD_TOLERANCE = {"float16": "fp16", "bfloat16": "bf16"}  # the fold's dtype rounds every weight once
 
 
@@ -56,6 +62,11 @@ def file_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """One hash over the directory's safetensors files (to tell a changed source from a bad export)."""
+    return file_sha256(sorted(Path(model_dir).glob("*.safetensors")))
+
+
 def engine_sha256(export_dir: Path) -> str:
     """sha256 of the files that compute: model.onnx, its external data, the TensorRT engine."""
     return file_sha256([export_dir / name for name in ENGINE_FILES])
@@ -63,8 +74,6 @@ def engine_sha256(export_dir: Path) -> str:
 
 def adapter_sha256(adapter_dir: Path) -> str | None:
     """sha256 of an adapter's files, as fold records it (None if the directory is gone)."""
-    from hypermerge.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
     if not (adapter_dir / CONFIG_FILE).is_file():
         return None
     return file_sha256([adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE])
@@ -80,8 +89,6 @@ def read_provenance(model_dir: Path) -> dict | None:
 
 def fold_certificate(source_dir: Path, source_sha256: str) -> dict | None:
     """The chain's links up to the folded weights, from the fold's provenance (None: not a fold)."""
-    from hypermerge.export.api import weights_sha256
-
     provenance = read_provenance(source_dir)
     if provenance is None or "adapter" not in provenance:
         return None
@@ -96,6 +103,24 @@ def fold_certificate(source_dir: Path, source_sha256: str) -> dict | None:
         "folded": {"path": str(source_dir), "weights_sha256": source_sha256, "dtype": provenance.get("dtype"),
                    "fold_check": provenance.get("verify") or "not run (fold without --verify)"},
     }
+
+
+def certify_export(model_dir: Path, out_dir: Path, report: dict, *, task: str, provider: str, threads: int,
+                   new_tokens: int, verify: bool) -> None:
+    """Add the adapter-to-engine certificate when the source came from ``hypermerge fold``.
+
+    Raises:
+        ParityError: the engine does not compute what base + adapter (unfolded) compute.
+    """
+    certificate = fold_certificate(model_dir, report["source"]["weights_sha256"])
+    if certificate is None:
+        return
+    e2e = (end_to_end(out_dir, certificate, task=task, provider=provider, threads=threads, new_tokens=new_tokens)
+           if verify else {"passed": None, "why": "not run (--no-verify)"})
+    report["certificate"] = finish(certificate, out_dir, report["parity"], e2e)
+    if e2e.get("passed") is False:
+        raise ParityError(f"the engine does not compute what the adapter model computes: {failure_summary(e2e)}",
+                          path=model_dir, hint="fold with --verify to locate the difference; see the parity report")
 
 
 def patch_certificate(adapter: str, adapter_sha: str, method: str, adapter_format: str, base: Path,
@@ -129,41 +154,26 @@ def end_to_end(export_dir: Path, certificate: dict, *, task: str, provider: str,
     Returns:
         The parity section with ``passed``, or ``{"passed": None, "why": ...}`` when it cannot run.
     """
-    import hypermerge as hm
-    from hypermerge.export.onnx_export import hf_tokenizer, load_torch_model, wrap
-    from hypermerge.export.parity import TOLERANCES, check_parity
-    from hypermerge.runtime.ort import open_session, session_contract, session_provider, session_runner
-
     adapter, base = Path(certificate["adapter"]["path"]), Path(certificate["base"]["path"])
     if not (adapter / "adapter_config.json").is_file():
         return {"passed": None, "why": f"the adapter {adapter} is not reachable"}
     if not (base / "config.json").is_file():
         return {"passed": None, "why": f"the base {base} is not reachable"}
     try:
-        if adapters_before:
-            from hypermerge.patch.engine import folded_reference
-
-            model = folded_reference(base, task, adapters_before, weights_map)
-        else:
-            model = load_torch_model(base, task)
-        hm.load_adapter(model, adapter)
+        model = reference_model(base, task, adapters_before or (), weights_map)
+        load_adapter(model, adapter)
     except HypermergeError as error:
         return {"passed": None, "why": f"the adapter model could not be built: {error.what}"}
-    model.eval()
-    wrapper, _ = wrap(model, task)
-    session = open_session(export_dir / "model.onnx", provider, threads, exact=True)
+    reference = Reference.of(model.eval(), task, export_dir)
+    session = open_session(export_dir / MODEL_FILE, provider, threads, exact=True)
     contract = session_contract(session)
     tolerance = TOLERANCES[FOLD_TOLERANCE.get(str((certificate.get("folded") or {}).get("dtype")), "fp32")]
-    section = check_parity(session_runner(session, contract), model, wrapper, contract,
-                           backend=f"onnxruntime:{session_provider(session)} vs base+adapter (unfolded, PyTorch)",
-                           tolerance=tolerance, new_tokens=new_tokens, tokenizer=hf_tokenizer(export_dir))
-    return section
+    return reference.parity(onnx_runner(session, contract), contract, tolerance=tolerance, new_tokens=new_tokens,
+                            backend=f"{onnx_label(session)} vs base+adapter (unfolded, PyTorch)")
 
 
 def check_links(export_dir: Path, certificate: dict) -> list[LinkCheck]:
     """Re-hash every link of a recorded certificate, in chain order."""
-    from hypermerge.export.api import weights_sha256
-
     checks = []
     adapter = certificate.get("adapter") or {}
     if adapter.get("sha256"):
@@ -212,41 +222,6 @@ _HINTS = {
     "folded weights": "restore the folded model, or export it again",
     "engine": "the exported files were modified: export again",
 }
-
-
-def markdown(certificate: dict | None) -> list[str]:
-    """The certificate as report.md lines."""
-    if not certificate:
-        return []
-    adapter, base = certificate["adapter"], certificate["base"]
-    folded, engine = certificate.get("folded"), certificate.get("engine") or {}
-    e2e = certificate.get("end_to_end") or {}
-    verdict = {True: "PASSED", False: "FAILED", None: "NOT CHECKED (--no-verify)"}[certificate.get("passed")]
-    lines = ["", f"## Certificate, {certificate['chain']}: {verdict}", "",
-             f"1. adapter `{adapter['path']}` ({adapter.get('method')}, {adapter.get('format')}), "
-             f"sha256 `{str(adapter.get('sha256'))[:16]}`",
-             f"2. base `{base['path']}`, weights sha256 `{str(base.get('weights_sha256'))[:16]}`; "
-             f"{(base.get('content_check') or {}).get('detail', 'not checked')}"]
-    if folded:
-        check = folded.get("fold_check")
-        check_text = check if isinstance(check, str) else (
-            f"fold --verify {'passed' if check.get('passed', True) else 'FAILED'} (max rel {check.get('max_rel', 0):.2g})")
-        lines.append(f"3. folded weights `{folded['path']}` ({folded.get('dtype')}), sha256 "
-                     f"`{str(folded.get('weights_sha256'))[:16]}`; {check_text}")
-    else:
-        lines.append("3. folded weights: none (patched straight into the engine)")
-    parity = engine.get("parity_vs_folded")
-    lines.append(f"4. engine sha256 `{str(engine.get('sha256'))[:16]}`; parity vs the folded model: "
-                 + {True: "passed", False: "FAILED", None: "not checked"}[parity])
-    if e2e.get("passed") is None:
-        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): not checked, {e2e.get('why')}")
-    else:
-        greedy = e2e.get("greedy_decode_match")
-        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): "
-                     f"{'passed' if e2e['passed'] else 'FAILED'}, max abs err {e2e['max_abs_err']:.2e}, "
-                     f"max rel err {e2e['max_rel_err']:.2e}"
-                     + ("" if greedy is None else f", greedy decode {'identical' if greedy else 'DIFFERS'}"))
-    return lines
 
 
 def summary(certificate: dict | None) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import torch
 
 from hypermerge.errors import ParityError
 from hypermerge.export.onnx_export import call_wrapper, example_inputs, position_ids_for
+from hypermerge.export.report import ParitySection
 from hypermerge.export.runtime import Runner, decode
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
 
@@ -237,15 +238,13 @@ def check_parity(run: Runner, model: torch.nn.Module, wrapper: torch.nn.Module, 
     """
     vocab = int(model.config.get_text_config().vocab_size)
     compared = compare_outputs(run, wrapper, contract, vocab, tolerance, cases)
-    section = {"passed": compared["passed"], "backend": backend, "tolerance": dataclasses.asdict(tolerance),
-               **{k: compared[k] for k in ("shapes", "max_abs_err", "max_rel_err", "outputs")},
-               "greedy_decode_match": None}
+    section = ParitySection(compared["passed"], backend, dataclasses.asdict(tolerance), compared["shapes"],
+                            compared["max_abs_err"], compared["max_rel_err"], compared["outputs"])
     if contract.task == CAUSAL_LM and greedy:
-        greedy = greedy_match(run, model, contract, vocab, new_tokens, tokenizer, tolerance)
-        section["greedy_decode_match"] = greedy["match"]
-        section["greedy_decode"] = greedy
-        section["passed"] = section["passed"] and greedy["match"]
-    return section
+        section.greedy_decode = greedy_match(run, model, contract, vocab, new_tokens, tokenizer, tolerance)
+        section.greedy_decode_match = section.greedy_decode["match"]
+        section.passed = section.passed and section.greedy_decode_match
+    return section.to_dict()
 
 
 def failure_summary(parity: dict) -> str:

@@ -24,8 +24,8 @@ import numpy as np
 from hypermerge.errors import ExportError
 from hypermerge.export.runtime import Runner, decode
 from hypermerge.export.tasks import IOContract
+from hypermerge.runtime.files import WEIGHT_ONLY_FILES  # noqa: F401 (its old home)
 
-WEIGHT_ONLY_FILES = {"int4": "model.int4.onnx", "int8": "model.int8.onnx"}
 BITS = {"int4": 4, "int8": 8}
 # what a weight-only model must keep to be kept: next-token top-1 agreement with PyTorch fp32
 # (int4 moves a few near-ties; the onnxruntime-genai int4 is the bar it has to beat)

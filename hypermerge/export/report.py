@@ -2,13 +2,127 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
+from hypermerge.export.weights_map import weights_map_markdown
+from hypermerge.runtime.files import MODEL_FILE, REPORT_JSON, REPORT_MD
+
 FORMAT = "hypermerge-export-report"
+
+
+class Section:
+    """A report.json section as a typed object (in the manner of Polygraphy's ``struct.py``): its
+    fields, in order, are the JSON's keys; ``OPTIONAL`` fields are left out while None."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as report.json holds it (same keys, same order)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The section read back from report.json (keys it does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@dataclasses.dataclass
+class ExportHeader(Section):
+    """The report's opening fields: what was exported, from where, by which hypermerge."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("profile",)
+
+    format: str = dataclasses.field(default=FORMAT, kw_only=True)
+    format_version: int = dataclasses.field(default=1, kw_only=True)
+    hypermerge: str
+    created_at: str
+    source: dict  # path, weights_sha256
+    task: str
+    opset: int
+    dtype: str = dataclasses.field(default="float32", kw_only=True)
+    exporter: str
+    model_file: str = dataclasses.field(default=MODEL_FILE, kw_only=True)
+    external_data: bool
+    inputs: list[dict]
+    outputs: list[dict]
+    parity: dict | None = None
+    latency: dict | None = None
+    profile: dict | None = None
+
+
+@dataclasses.dataclass
+class ParitySection(Section):
+    """One backend against PyTorch: per-output error statistics and, for causal LMs, greedy decode."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("greedy_decode",)
+
+    passed: bool
+    backend: str
+    tolerance: dict  # atol, rtol
+    shapes: list[dict]
+    max_abs_err: float
+    max_rel_err: float
+    outputs: dict[str, dict]
+    greedy_decode_match: bool | None = None
+    greedy_decode: dict | None = None
+
+
+@dataclasses.dataclass
+class Int8Section(Section):
+    """An encoder's ``quantized`` section: the int8 model's accuracy and speed, kept or not and why."""
+
+    method: str
+    file: str
+    kept: bool
+    accuracy: dict
+    bound: dict  # metric, min
+    p50_ms: float
+    fp32_p50_ms: float
+    ratio_to_fp32: float
+    ratio_to_torch: float
+    reason: str
+
+
+@dataclasses.dataclass
+class PatchSection(Section):
+    """``hypermerge patch``'s section: the adapter, what it changed, the base checks, what was dropped."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("seconds",)
+
+    adapter: str
+    method: str
+    format: str
+    tensors_changed: int
+    initializers_rewritten: int
+    unchanged_by_the_fold: list[str]
+    base_check: str
+    base_content_check: dict
+    adapter_sha256: str
+    graph: str
+    weights_map_built_now: bool
+    dropped: list[str]
+    seconds: float | None = None
+
+
+def utc_now() -> str:
+    """The time a report records (created_at, verified_at, patched_at): UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def io_spec(session) -> tuple[list[dict], list[dict]]:
+    """A session's inputs and outputs as the report lists them (name, dtype, shape)."""
+    def spec(values):
+        return [{"name": v.name, "dtype": v.type.removeprefix("tensor(").rstrip(")"), "shape": list(v.shape)}
+                for v in values]
+
+    return spec(session.get_inputs()), spec(session.get_outputs())
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -76,6 +190,28 @@ def latency_table(latency: dict) -> list[str]:
 
 def to_markdown(report: dict) -> str:
     """The report as a short markdown page (what the CLI prints after export / verify)."""
+    lines = header_lines(report)
+    parity = report.get("parity")
+    for title, section in (("onnxruntime", parity), ("TensorRT", (report.get("tensorrt") or {}).get("parity"))):
+        if section:
+            lines += parity_lines(title, section)
+    if parity is None:
+        lines += ["", "## Parity: not checked (--no-verify); run `hypermerge verify` on this directory."]
+    lines += latency_lines(report.get("latency"))
+    lines += optimize_lines(report.get("optimize"))
+    quant = report.get("quantized")
+    if quant and quant.get("kind") == "weight-only":
+        lines += weight_only_lines(quant)
+    elif quant:
+        lines += int8_lines(quant)
+    lines += tensorrt_lines(report.get("tensorrt"))
+    lines += _patch_lines(report)
+    lines += certificate_lines(report.get("certificate"))
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(report: dict) -> list[str]:
+    """The title and what was exported: source, model file, profile, inputs and outputs."""
     lines = [f"# hypermerge export report: {report.get('task')}", ""]
     lines.append(f"- source: `{report.get('source', {}).get('path')}`")
     lines.append(f"- model: `{report.get('model_file')}` (opset {report.get('opset')}, {report.get('exporter')})")
@@ -88,57 +224,65 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- {key}: {', '.join(shown)}")
     if report.get("verified_at"):
         lines.append(f"- verified: {report['verified_at']} with hypermerge {report.get('hypermerge')}")
-    parity = report.get("parity")
-    for title, section in (("onnxruntime", parity), ("TensorRT", (report.get("tensorrt") or {}).get("parity"))):
-        if not section:
-            continue
-        verdict = "PASSED" if section["passed"] else "FAILED"
-        tol = section["tolerance"]
-        lines += ["", f"## Parity, {title} ({section['backend']}): {verdict}", "",
-                  f"Tolerance |a − e| ≤ {tol['atol']:g}·max(1, max|e|) + {tol['rtol']:g}·|e| at valid positions; shapes "
-                  + ", ".join(_case(c) for c in section["shapes"]) + ".", ""]
-        lines += parity_table(section)
-        greedy = section.get("greedy_decode")
-        if greedy:
-            lines += ["", f"Greedy decode, {greedy['batch']} left-padded prompts (lengths "
-                      f"{greedy['prompt_lengths']}), {greedy['new_tokens']} tokens with the KV cache: "
-                      + ("identical to PyTorch generate." if greedy["match"] else
-                         f"**differs** from PyTorch generate at {greedy.get('first_mismatch')}.")]
-    if parity is None:
-        lines += ["", "## Parity: not checked (--no-verify); run `hypermerge verify` on this directory."]
-    latency = report.get("latency")
-    if latency:
-        lines += ["", f"## Latency: batch {latency['batch']} × seq {latency['seq']}, {latency['threads']} threads, "
-                  f"{latency['iterations']} interleaved runs", ""]
-        lines += latency_table(latency)
-        if "decode_step" in latency:
-            lines += ["", f"One decode step (1 new token on a cache of {latency['seq']}):", ""]
-            lines += latency_table(latency["decode_step"])
-    optimize = report.get("optimize")
-    if optimize:
-        fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
-        lines += ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
-                  f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
-                  "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
-                      optimize.get("parity_passed")]]
-    quant = report.get("quantized")
-    if quant and quant.get("kind") == "weight-only":
-        lines += weight_only_lines(quant)
-    elif quant:
-        metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
-        lines += ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
-                  f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
-                  f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
-                  f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
-    trt = report.get("tensorrt")
-    if trt:
-        lines += ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
-                  f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
-    lines += _patch_lines(report)
-    from hypermerge.export.certificate import markdown as certificate_markdown
+    return lines
 
-    lines += certificate_markdown(report.get("certificate"))
-    return "\n".join(lines) + "\n"
+
+def parity_lines(title: str, section: dict) -> list[str]:
+    """One backend's parity: verdict, tolerance, the per-output table and the greedy decode."""
+    verdict = "PASSED" if section["passed"] else "FAILED"
+    tol = section["tolerance"]
+    lines = ["", f"## Parity, {title} ({section['backend']}): {verdict}", "",
+             f"Tolerance |a − e| ≤ {tol['atol']:g}·max(1, max|e|) + {tol['rtol']:g}·|e| at valid positions; shapes "
+             + ", ".join(_case(c) for c in section["shapes"]) + ".", ""]
+    lines += parity_table(section)
+    greedy = section.get("greedy_decode")
+    if greedy:
+        lines += ["", f"Greedy decode, {greedy['batch']} left-padded prompts (lengths "
+                  f"{greedy['prompt_lengths']}), {greedy['new_tokens']} tokens with the KV cache: "
+                  + ("identical to PyTorch generate." if greedy["match"] else
+                     f"**differs** from PyTorch generate at {greedy.get('first_mismatch')}.")]
+    return lines
+
+
+def latency_lines(latency: dict | None) -> list[str]:
+    """The latency tables (a causal LM's decode step too); none where nothing was measured."""
+    if not latency:
+        return []
+    lines = ["", f"## Latency: batch {latency['batch']} × seq {latency['seq']}, {latency['threads']} threads, "
+             f"{latency['iterations']} interleaved runs", ""]
+    lines += latency_table(latency)
+    if "decode_step" in latency:
+        lines += ["", f"One decode step (1 new token on a cache of {latency['seq']}):", ""]
+        lines += latency_table(latency["decode_step"])
+    return lines
+
+
+def optimize_lines(optimize: dict | None) -> list[str]:
+    """``--optimize``: the fusions, both latencies and the re-checked parity."""
+    if not optimize:
+        return []
+    fused = ", ".join(f"{op} ×{n}" for op, n in optimize["fused_ops"].items()) or "none"
+    return ["", f"## --optimize ({optimize['model_type']} fusions): {fused}",
+            f"p50 {optimize['plain_p50_ms']:.2f} ms before, {optimize['optimized_p50_ms']:.2f} ms after; "
+            "parity re-checked: " + {True: "passed.", False: "FAILED.", None: "not checked (--no-verify)."}[
+                optimize.get("parity_passed")]]
+
+
+def int8_lines(quant: dict) -> list[str]:
+    """An encoder's int8 section: accuracy against its bound, speed against fp32, kept or not."""
+    metric, bound = quant["bound"]["metric"], quant["bound"]["min"]
+    return ["", f"## int8 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
+            f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
+            f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
+            f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
+
+
+def tensorrt_lines(trt: dict | None) -> list[str]:
+    """The engine's build: TensorRT version, precision, files and flags."""
+    if not trt:
+        return []
+    return ["", f"## TensorRT {trt.get('version')} ({trt.get('precision')}): `{trt.get('engine')}`, "
+            f"timing cache `{trt.get('timing_cache')}`, flags {', '.join(trt.get('flags', []))}"]
 
 
 def weight_only_lines(section: dict) -> list[str]:
@@ -162,8 +306,6 @@ def weight_only_lines(section: dict) -> list[str]:
 
 def _patch_lines(report: dict) -> list[str]:
     """The sections ``hypermerge patch`` and ``--adapter-inputs`` add (weights map, inputs, patch)."""
-    from hypermerge.export.weights_map import weights_map_markdown
-
     lines: list[str] = []
     scales = report.get("adapter_inputs")
     if scales:
@@ -184,4 +326,39 @@ def _patch_lines(report: dict) -> list[str]:
             lines.append("Latency above: measured on the export before the patch (same graph, same shapes).")
     if report.get("weights_map"):
         lines += weights_map_markdown(report["weights_map"])
+    return lines
+
+
+def certificate_lines(certificate: dict | None) -> list[str]:
+    """The certificate as report.md lines."""
+    if not certificate:
+        return []
+    adapter, base = certificate["adapter"], certificate["base"]
+    folded, engine = certificate.get("folded"), certificate.get("engine") or {}
+    e2e = certificate.get("end_to_end") or {}
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT CHECKED (--no-verify)"}[certificate.get("passed")]
+    lines = ["", f"## Certificate, {certificate['chain']}: {verdict}", "",
+             f"1. adapter `{adapter['path']}` ({adapter.get('method')}, {adapter.get('format')}), "
+             f"sha256 `{str(adapter.get('sha256'))[:16]}`",
+             f"2. base `{base['path']}`, weights sha256 `{str(base.get('weights_sha256'))[:16]}`; "
+             f"{(base.get('content_check') or {}).get('detail', 'not checked')}"]
+    if folded:
+        check = folded.get("fold_check")
+        check_text = check if isinstance(check, str) else (
+            f"fold --verify {'passed' if check.get('passed', True) else 'FAILED'} (max rel {check.get('max_rel', 0):.2g})")
+        lines.append(f"3. folded weights `{folded['path']}` ({folded.get('dtype')}), sha256 "
+                     f"`{str(folded.get('weights_sha256'))[:16]}`; {check_text}")
+    else:
+        lines.append("3. folded weights: none (patched straight into the engine)")
+    parity = engine.get("parity_vs_folded")
+    lines.append(f"4. engine sha256 `{str(engine.get('sha256'))[:16]}`; parity vs the folded model: "
+                 + {True: "passed", False: "FAILED", None: "not checked"}[parity])
+    if e2e.get("passed") is None:
+        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): not checked, {e2e.get('why')}")
+    else:
+        greedy = e2e.get("greedy_decode_match")
+        lines.append(f"5. end to end (base + adapter unfolded in PyTorch vs the engine): "
+                     f"{'passed' if e2e['passed'] else 'FAILED'}, max abs err {e2e['max_abs_err']:.2e}, "
+                     f"max rel err {e2e['max_rel_err']:.2e}"
+                     + ("" if greedy is None else f", greedy decode {'identical' if greedy else 'DIFFERS'}"))
     return lines

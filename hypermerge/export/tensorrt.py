@@ -20,9 +20,8 @@ import numpy as np
 
 from hypermerge.errors import BackendUnavailableError, ConfigError, ExportError
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
+from hypermerge.runtime.files import ENGINE_FILE, TIMING_CACHE_FILE
 
-ENGINE_FILE = "model.engine"
-TIMING_CACHE_FILE = "timing.cache"
 INSTALL_HINT = ("pip install 'hypermerge[trt]' (the tensorrt wheel, CUDA 12) with a CUDA build of torch, "
                 "on a machine with an NVIDIA GPU")
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -1,5 +1,5 @@
 """``hypermerge patch``: adapters folded into exported models (ONNX initializers, TensorRT refit)."""
 
-from hypermerge.patch.engine import PatchResult, patch_export
+from hypermerge.patch.api import PatchResult, patch_export
 
 __all__ = ["PatchResult", "patch_export"]

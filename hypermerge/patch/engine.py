@@ -1,4 +1,6 @@
-"""``hypermerge patch``: fold an adapter into an exported model without exporting again.
+"""``hypermerge patch``'s weight-level work: fold an adapter into an exported model's initializers
+without exporting again (:func:`fold_into_export`); :mod:`hypermerge.patch.api` writes, checks and
+reports the result (``patch_export``).
 
     EXPORT_DIR (model.onnx + weights_map.json) + ADAPTER_DIR  ──▶  NEW_DIR (same graph, new weights)
 
@@ -29,19 +31,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hypermerge._fs import atomic_output_dir
-from hypermerge._version import __version__
-from hypermerge.adapters.checkpoint import AdapterCheckpoint, read_adapter
-from hypermerge.errors import AdapterMismatchError, ConfigError, ExportError, ParityError
-from hypermerge.export.report import REPORT_JSON, REPORT_MD, write_report
-from hypermerge.export.runtime import MODEL_FILE
+from hypermerge.adapters.base_digest import sample_of
+from hypermerge.adapters.checkpoint import AdapterCheckpoint
+from hypermerge.adapters.targets import match_suffix
+from hypermerge.errors import AdapterMismatchError, ExportError
+from hypermerge.export.verification import folded_reference  # noqa: F401 (its old home)
+from hypermerge.export.verification import source_dtype as _source_dtype  # compute_changes' name for it
 from hypermerge.export.weights_map import (
     WEIGHTS_MAP_FILE,
     Initializers,
@@ -49,39 +50,15 @@ from hypermerge.export.weights_map import (
     WeightsMap,
     build_weights_map,
     check_adapter_base,
-    digest_of,
     load_onnx_graph,
     read_weights_map,
-    write_weights_map,
 )
 from hypermerge.fold.base_check import NOT_CHECKED, BaseCheck, check_base
-from hypermerge.fold.hfdir import BaseCheckpoint, update_config
+from hypermerge.fold.hfdir import BaseCheckpoint
 from hypermerge.fold.operations import SaveFullTensor
 from hypermerge.fold.plan import FoldPlan, plan_fold
-from hypermerge.fold.safetensors_io import TORCH_DTYPES
 from hypermerge.fold.threads import FOLD_THREADS, torch_threads
-from hypermerge.runtime.ort import session_contract, session_runner
-
-ENGINE_FILE = "model.engine"
-# files of an export that hold the base's weights in another form: a patched copy would be stale
-STALE_FILES = ("model.int8.onnx", "model.int8.onnx.data", ENGINE_FILE)
-
-
-@dataclasses.dataclass
-class PatchResult:
-    """What a patch wrote."""
-
-    out: Path
-    method: str
-    adapter_format: str  # "hypermerge" or "peft"
-    folded: int  # tensors whose values changed (weights, biases, fully trained modules)
-    initializers: int  # ONNX initializers rewritten
-    unchanged: list[str]  # targeted tensors the fold left exactly as they were
-    base_check: str
-    seconds: float
-    parity: dict | None = None
-    tensorrt: dict | None = None
-    dropped: list[str] = dataclasses.field(default_factory=list)  # files not carried over, with why
+from hypermerge.runtime.files import MODEL_FILE
 
 
 @dataclasses.dataclass
@@ -142,10 +119,6 @@ class _Reader:
             shape, _ = self.map.fingerprint[name]
             return np.full(shape, self.map.constants[name], dtype=np.float32)
         return None
-
-
-def _source_dtype(weights_map: WeightsMap, name: str) -> torch.dtype:
-    return TORCH_DTYPES.get(weights_map.fingerprint[name][1], torch.float32)
 
 
 def _unmapped(weights_map: WeightsMap, name: str, what: str) -> ExportError:
@@ -296,27 +269,6 @@ def write_onnx(src_dir: Path, dst_dir: Path, model, inits: Initializers, updated
         shutil.copyfile(src_dir / model_file, dst_dir / model_file)
 
 
-def folded_reference(source: Path, task: str, adapters: list[str], weights_map: WeightsMap | None) -> torch.nn.Module:
-    """The PyTorch model the patched export must reproduce: the source with each adapter loaded
-    and folded in memory in turn, its weights rounded to the source's dtype as ``fold`` writes them."""
-    import hypermerge as hm
-    from hypermerge.adapters.targets import match_suffix
-    from hypermerge.export.onnx_export import load_torch_model
-
-    model = load_torch_model(source, task)
-    for adapter in adapters:
-        hm.load_adapter(model, adapter)
-        hm.fold_model(model)
-    names = list(weights_map.fingerprint) if weights_map is not None else []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            match = match_suffix(name, names)
-            dtype = _source_dtype(weights_map, match) if match else torch.float32
-            if dtype != torch.float32:
-                param.copy_(param.to(dtype).float())
-    return model.eval()
-
-
 def source_adapters(report: dict) -> list[str]:
     """The adapters already folded into an export (a patched one), in order."""
     return list((report.get("source") or {}).get("adapters") or [])
@@ -329,9 +281,6 @@ def check_export_base(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, re
     Raises:
         AdapterMismatchError: they differ and ``allow_other_base`` is false.
     """
-    from hypermerge.adapters.base_digest import sample_of
-    from hypermerge.adapters.targets import match_suffix
-
     available = list(weights_map.fingerprint)
     names = {t: m for t in checkpoint.targets if (m := match_suffix(t, available)) is not None}
 
@@ -350,101 +299,45 @@ def check_export_base(checkpoint: AdapterCheckpoint, weights_map: WeightsMap, re
                                                        "patched one") from None
 
 
-def _certify(checkpoint: AdapterCheckpoint, content_check: BaseCheck, source_path: Path, report: dict,
-             adapters: list[str], out_dir: Path, weights_map: WeightsMap, verify: bool, provider: str,
-             threads: int | None, new_tokens: int) -> dict:
-    """The patched export's certificate: adapter -> the export's base -> engine, and end to end.
+@dataclasses.dataclass
+class PatchedWeights:
+    """An adapter folded into an export's initializers, in memory: what ``patch_export`` writes."""
+
+    weights_map: WeightsMap
+    map_built: bool  # the export predates weights maps: this one was built from the source now
+    onnx_model: object  # the export's ModelProto (written back with the new initializers, graph unchanged)
+    inits: Initializers
+    changes: list[_Change]  # the tensors whose values change, and where they live
+    unchanged: list[str]  # targeted tensors the fold left exactly as they were
+    content_check: BaseCheck
+    base_check: str
+    updated: dict[str, np.ndarray]  # initializer -> its new value
+
+    @property
+    def initializers(self) -> list[str]:
+        """The initializers the patch rewrites."""
+        return sorted({loc.initializer for change in self.changes for loc in change.locations})
+
+    def release(self) -> None:
+        """Let the graph and the arrays go once written (an LLM's weights are large)."""
+        self.onnx_model = self.inits = None
+        self.updated = {}
+
+
+def fold_into_export(checkpoint: AdapterCheckpoint, export_dir: Path, report: dict, *,
+                     source: str | Path | None, allow_other_base: bool, progress: bool) -> PatchedWeights:
+    """Fold the adapter into the export's weights (read from its initializers), checking it fits
+    the export's base, before anything is written.
 
     Raises:
-        ParityError: the patched engine does not compute what base + adapter (unfolded) compute.
+        ExportError: no weights map and no source to build one; a changed tensor is not located by the
+            map, or shares an initializer with one it does not change.
+        AdapterMismatchError: the adapter does not fit the export (names, shapes, base contents).
+        CheckpointError: NaN/Inf in the adapter or a folded tensor.
     """
-    from hypermerge.export import certificate as cert
-    from hypermerge.export.parity import failure_summary
-
-    certificate = cert.patch_certificate(adapters[-1], checkpoint.content_sha256(), checkpoint.method.name,
-                                         checkpoint.metadata.get("source", "hypermerge"), source_path,
-                                         (report.get("source") or {}).get("weights_sha256"), content_check.to_dict(),
-                                         adapters[:-1])
-    e2e = {"passed": None, "why": "not run (--no-verify)"}
-    if verify:
-        e2e = cert.end_to_end(out_dir, certificate, task=report.get("task") or "auto", provider=provider,
-                              threads=threads, new_tokens=new_tokens, adapters_before=adapters[:-1],
-                              weights_map=weights_map)
-        if e2e.get("passed") is False:
-            raise ParityError(f"the patched engine does not compute what the adapter model computes: "
-                              f"{failure_summary(e2e)}", path=out_dir.parent, hint="fold the adapter and export it")
-    return cert.finish(certificate, out_dir, report.get("parity"), e2e)
-
-
-def _copy_export_files(export_dir: Path, tmp: Path, weights_map: WeightsMap, model, refit: bool) -> list[str]:
-    """Everything but the model, its data, the map and the report (and the engine, when it is
-    refitted); returns the stale files left out."""
-    data_files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    skip = {MODEL_FILE, weights_map.model_file, WEIGHTS_MAP_FILE, REPORT_JSON, REPORT_MD, *data_files}
-    if refit:
-        skip.add(ENGINE_FILE)
-    dropped = []
-    for entry in sorted(export_dir.iterdir()):
-        if entry.name in skip or entry.name.startswith(".") or "hm-tmp" in entry.name:
-            continue
-        if entry.name in STALE_FILES:
-            dropped.append(entry.name)
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, tmp / entry.name)
-        else:
-            shutil.copy2(entry, tmp / entry.name)
-    return dropped
-
-
-def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *, verify: bool = True,
-                 trt: bool = False, source: str | Path | None = None, overwrite: bool = False,
-                 tolerance=None, new_tokens: int = 16, provider: str = "auto", threads: int | None = None,
-                 progress: bool = True, allow_other_base: bool = False) -> PatchResult:
-    """Fold ``adapter`` into the exported model in ``export_dir`` and write ``out`` (same graph).
-
-    Args:
-        export_dir: a directory written by ``hypermerge export`` (with ``weights_map.json``; older
-            exports get a map built from their source model).
-        adapter: a hypermerge or PEFT adapter directory, made for the export's base model.
-        out: the new directory (written atomically; it must not exist unless ``overwrite``).
-        verify: check the patched model against the base with the adapter folded in PyTorch.
-        trt: refit the export's TensorRT engine with the new weights (needs TensorRT and a GPU).
-        source: the base model directory (default: the one recorded at export), for ``verify``.
-        tolerance: parity bound (default: fp32 atol 1e-4, rtol 1e-3, as export).
-        new_tokens: greedy tokens compared with PyTorch (causal LMs).
-        provider, threads: the onnxruntime session used for ``verify``.
-        allow_other_base: patch even if the export's weights differ from the adapter's record
-            of its base (recorded in the report).
-
-    Returns:
-        A PatchResult.
-
-    Raises:
-        CheckpointError: a missing or damaged export, adapter or map; NaN/Inf.
-        AdapterMismatchError: the adapter was made for another base (names, shapes or, where its
-            base is on disk, contents), or adds tensors the graph does not have.
-        ExportError: a tensor the adapter changes is not located by the map; no source for verify.
-        ConfigError: ``--trt`` on an export without an engine.
-        BackendUnavailableError: ``--trt`` without TensorRT or a GPU.
-        ParityError: the patched model does not match the folded PyTorch model (nothing is written).
-        OutputExistsError: ``out`` exists and ``overwrite`` is false.
-    """
-    from hypermerge.export import api
-    from hypermerge.export import tensorrt as trt_mod
-    from hypermerge.export.parity import TOLERANCES, check_parity, failure_summary
-
-    start = time.perf_counter()
-    export_dir, report = api.open_export(export_dir)
-    if trt:
-        if not (export_dir / ENGINE_FILE).is_file():
-            raise ConfigError(f"--trt: the export has no TensorRT engine ({ENGINE_FILE})", path=export_dir,
-                              hint="export with --trt first, or patch without --trt")
-        trt_module = trt_mod.require_tensorrt()  # before anything is read or written
-    checkpoint = read_adapter(adapter)
     weights_map, built = load_map(export_dir, report, Path(source) if source else None)
-    model = load_onnx_graph(export_dir / MODEL_FILE)
-    inits = Initializers(model, export_dir)
+    onnx_model = load_onnx_graph(export_dir / MODEL_FILE)
+    inits = Initializers(onnx_model, export_dir)
     reader = _Reader(weights_map, inits)
     changes, unchanged = compute_changes(checkpoint, weights_map, reader, export_dir, progress)
     content_check = check_export_base(checkpoint, weights_map, reader, export_dir, allow_other_base)
@@ -453,88 +346,4 @@ def patch_export(export_dir: str | Path, adapter: str | Path, out: str | Path, *
     else:
         base_check = content_check.detail
     updated = apply_changes(changes, weights_map, reader)
-    adapter_path = str(checkpoint.path.absolute())
-    adapter_format = checkpoint.metadata.get("source", "hypermerge")
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        dropped = _copy_export_files(export_dir, tmp, weights_map, model, refit=trt)
-        write_onnx(export_dir, tmp, model, inits, updated)
-        update_config(tmp, checkpoint.config_overrides)
-        weights_map.sha256.update({c.name: digest_of(c.new) for c in changes})
-        weights_map.patches.append({"adapter": adapter_path, "method": checkpoint.method.name,
-                                    "format": adapter_format, "hypermerge": __version__})
-        write_weights_map(tmp, weights_map)
-        del model, inits, reader, updated
-        result = PatchResult(Path(out).absolute(), checkpoint.method.name, adapter_format, len(changes),
-                             len({loc.initializer for c in changes for loc in c.locations}), sorted(unchanged),
-                             base_check, 0.0, dropped=dropped)
-        source_path = Path(source or (report.get("source") or {}).get("path") or "")
-        adapters = [*source_adapters(report), adapter_path]
-        section = {"adapter": adapter_path, "method": checkpoint.method.name, "format": adapter_format,
-                   "tensors_changed": result.folded, "initializers_rewritten": result.initializers,
-                   "unchanged_by_the_fold": result.unchanged, "base_check": base_check,
-                   "base_content_check": content_check.to_dict(), "adapter_sha256": checkpoint.content_sha256(),
-                   "graph": "unchanged (weights only)", "weights_map_built_now": built,
-                   "dropped": [f"{name}: holds the base's weights" for name in dropped]}
-        report = {**report, "patch": section, "patched_at": api._now(), "hypermerge": __version__}
-        report["source"] = {**(report.get("source") or {}), "path": str(source_path.absolute()) if str(source_path)
-                            not in ("", ".") else None, "adapters": adapters}
-        if "int8" in " ".join(dropped):
-            report.pop("quantized", None)
-            if report.get("latency"):
-                api._drop_backend(report["latency"], "onnxruntime_int8")
-        if ENGINE_FILE in dropped:
-            report.pop("tensorrt", None)
-            if report.get("latency"):
-                api._drop_backend(report["latency"], "tensorrt")
-        tolerance = tolerance or TOLERANCES["fp32"]
-        reference = contract = wrapper = tokenizer = None
-        if verify:
-            if not (source_path / "config.json").is_file():
-                raise ExportError("the base model (the PyTorch reference for --verify) is not there",
-                                  path=source_path if str(source_path) not in ("", ".") else export_dir,
-                                  hint="pass --source MODEL_DIR, or --no-verify")
-            session = api.open_session(tmp / MODEL_FILE, provider, threads, exact=True)
-            contract = session_contract(session)
-            reference = folded_reference(source_path, contract.task, adapters, weights_map)
-            from hypermerge.export.onnx_export import hf_tokenizer, wrap
-
-            wrapper, _ = wrap(reference, contract.task)
-            tokenizer = hf_tokenizer(tmp)
-            parity = check_parity(session_runner(session, contract), reference, wrapper, contract,
-                                  backend=f"onnxruntime:{api.session_provider(session)}", tolerance=tolerance,
-                                  new_tokens=new_tokens, tokenizer=tokenizer)
-            del session
-            report["parity"] = result.parity = parity
-            if not parity["passed"]:
-                changed = (report.get("source") or {}).get("weights_sha256") not in (None, api.weights_sha256(source_path))
-                raise ParityError(f"the patched model does not match the folded PyTorch model: {failure_summary(parity)}",
-                                  path=export_dir, hint="the base model's weights changed since export: re-export it"
-                                  if changed else "fold the adapter and export the folded model")
-        else:
-            report["parity"] = None
-        if trt:
-            from hypermerge.patch.refit import refit_engine
-
-            # the patched model's initializers: the changed ones, and any TensorRT asks for with them
-            patched = Initializers(load_onnx_graph(tmp / MODEL_FILE), tmp)
-            section_trt = refit_engine(trt_module, export_dir / ENGINE_FILE, tmp / ENGINE_FILE,
-                                       sorted({loc.initializer for c in changes for loc in c.locations}),
-                                       patched.array)
-            report["tensorrt"] = {**(report.get("tensorrt") or {}), "refit": section_trt}
-            if verify:
-                failures: list[str] = []
-                api._verify_engine(tmp, report, contract, reference, wrapper, tokenizer, new_tokens, {}, failures)
-                if failures:
-                    raise ParityError("the refitted TensorRT engine does not match the folded PyTorch model: "
-                                      + "; ".join(failures), path=export_dir,
-                                      hint="TensorRT can drop a GEMM bias on refit: rebuild with hypermerge export --trt")
-            result.tensorrt = report["tensorrt"]
-        report["certificate"] = _certify(checkpoint, content_check, source_path, report, adapters, tmp,
-                                         weights_map, verify, provider, threads, new_tokens)
-        result.seconds = time.perf_counter() - start
-        report["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
-        report["patch"]["seconds"] = round(result.seconds, 2)
-        write_report(tmp, report)
-    return result
-
+    return PatchedWeights(weights_map, built, onnx_model, inits, changes, unchanged, content_check, base_check, updated)

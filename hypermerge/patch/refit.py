@@ -50,7 +50,29 @@ def refit_engine(trt, engine_path: Path, out_path: Path, changed: Sequence[str],
     """
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
+    runtime = trt.Runtime(logger)  # held until the engine is serialized: TensorRT wants it to outlive the engine
+    engine = load_refittable(runtime, engine_path)
+    refitter = trt.Refitter(engine, logger)
+    refittable = set(refitter.get_all_weights())
+    check_refittable(changed, refittable, engine_path)
+    supplier = _Supplier(trt, refitter, initializer, engine_path)
+    for name in changed:
+        supplier.supply(name)
+    resupplied = supplier.resupply_missing(changed)
+    finish_refit(refitter, engine_path)
+    Path(out_path).write_bytes(bytes(engine.serialize()))
+    supplier.keep.clear()  # only now may the arrays go
+    return {"method": "trt.Refitter (set_named_weights, refit_cuda_engine)", "refitted": len(changed),
+            "resupplied_unchanged": resupplied, "refittable_weights": len(refittable),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def load_refittable(runtime, engine_path: Path):
+    """The deserialized engine.
+
+    Raises:
+        ExportError: TensorRT cannot load it, or it was built without REFIT.
+    """
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise ExportError("TensorRT cannot load the engine", path=engine_path,
@@ -58,38 +80,60 @@ def refit_engine(trt, engine_path: Path, out_path: Path, changed: Sequence[str],
     if not getattr(engine, "refittable", True):
         raise ExportError("the engine was built without the REFIT flag", path=engine_path,
                           hint="rebuild it with hypermerge export --trt (which always sets REFIT)")
-    refitter = trt.Refitter(engine, logger)
-    refittable = set(refitter.get_all_weights())
+    return engine
+
+
+def check_refittable(changed: Sequence[str], refittable: set[str], engine_path: Path) -> None:
+    """Raise ExportError naming the first changed initializer the engine cannot refit."""
     missing_in_engine = [name for name in changed if name not in refittable]
     if missing_in_engine:
         raise ExportError(f"the engine has no refittable weight {missing_in_engine[0]} "
                           f"({len(missing_in_engine)} of {len(changed)} changed initializers): TensorRT folded it "
                           "into another constant when it built the engine", path=engine_path,
                           hint="rebuild the engine: hypermerge export --trt on the patched directory's model")
-    keep: list[np.ndarray] = []  # trt.Weights does not copy: the arrays must outlive refit_cuda_engine
 
-    def supply(name: str) -> None:
-        array = np.ascontiguousarray(initializer(name))
+
+class _Supplier:
+    """Hands the refitter new weights, keeping each array alive until the refit is done
+    (``trt.Weights`` does not copy)."""
+
+    def __init__(self, trt, refitter, initializer: Callable[[str], np.ndarray], engine_path: Path):
+        self.trt, self.refitter, self.initializer, self.engine_path = trt, refitter, initializer, engine_path
+        self.keep: list[np.ndarray] = []
+
+    def supply(self, name: str) -> None:
+        array = np.ascontiguousarray(self.initializer(name))
+        refitter = self.refitter
         prototype = refitter.get_weights_prototype(name) if hasattr(refitter, "get_weights_prototype") else None
         if prototype is not None:
             if int(prototype.size) != array.size:
                 raise ExportError(f"TensorRT holds {prototype.size} values for {name}, the patched model {array.size}",
-                                  path=engine_path, hint="rebuild the engine: hypermerge export --trt")
-            array = np.ascontiguousarray(array.astype(trt.nptype(prototype.dtype), copy=False))
-        keep.append(array)
-        if not refitter.set_named_weights(name, trt.Weights(array)):
-            raise ExportError(f"TensorRT refused the new values of {name}", path=engine_path,
+                                  path=self.engine_path, hint="rebuild the engine: hypermerge export --trt")
+            array = np.ascontiguousarray(array.astype(self.trt.nptype(prototype.dtype), copy=False))
+        self.keep.append(array)
+        if not refitter.set_named_weights(name, self.trt.Weights(array)):
+            raise ExportError(f"TensorRT refused the new values of {name}", path=self.engine_path,
                               hint="rebuild the engine: hypermerge export --trt")
 
-    for name in changed:
-        supply(name)
-    resupplied = [name for name in refitter.get_missing_weights() if name not in changed]
-    for name in resupplied:
-        try:
-            supply(name)
-        except KeyError:
-            raise ExportError(f"TensorRT needs {name} again to refit, and the ONNX model has no such initializer",
-                              path=engine_path, hint="rebuild the engine: hypermerge export --trt") from None
+    def resupply_missing(self, changed: Sequence[str]) -> list[str]:
+        """Supply, unchanged, the weights TensorRT fused with the changed ones; returns their names."""
+        resupplied = [name for name in self.refitter.get_missing_weights() if name not in changed]
+        for name in resupplied:
+            try:
+                self.supply(name)
+            except KeyError:
+                raise ExportError(f"TensorRT needs {name} again to refit, and the ONNX model has no such "
+                                  "initializer", path=self.engine_path,
+                                  hint="rebuild the engine: hypermerge export --trt") from None
+        return resupplied
+
+
+def finish_refit(refitter, engine_path: Path) -> None:
+    """Refit the engine in place.
+
+    Raises:
+        ExportError: weights are still missing, or TensorRT's refit fails.
+    """
     still = list(refitter.get_missing_weights())
     if still:
         raise ExportError(f"TensorRT still misses {len(still)} weights after the refit (first: {still[0]})",
@@ -97,8 +141,3 @@ def refit_engine(trt, engine_path: Path, out_path: Path, changed: Sequence[str],
     if not refitter.refit_cuda_engine():
         raise ExportError("TensorRT's refit failed (its log above says why)", path=engine_path,
                           hint="rebuild the engine: hypermerge export --trt")
-    Path(out_path).write_bytes(bytes(engine.serialize()))
-    keep.clear()  # only now may the arrays go
-    return {"method": "trt.Refitter (set_named_weights, refit_cuda_engine)", "refitted": len(changed),
-            "resupplied_unchanged": resupplied, "refittable_weights": len(refittable),
-            "seconds": round(time.perf_counter() - start, 2)}

@@ -21,10 +21,10 @@ import numpy as np
 
 from hypermerge.errors import AdapterMismatchError, BackendUnavailableError, CheckpointError, ConfigError
 from hypermerge.runtime.adapter_base import check_adapter_base
+from hypermerge.runtime.files import LAYOUT_FILE
 from hypermerge.runtime.weights_map import WeightsMap
 
 INPUT_NAME = "adapter_scales"
-LAYOUT_FILE = "adapter_inputs.json"
 FORMAT = "hypermerge-adapter-inputs"
 METADATA_KEY = "hypermerge.adapter_inputs"
 

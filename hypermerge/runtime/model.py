@@ -28,12 +28,11 @@ from hypermerge.runtime.contract import (
     SEQUENCE_CLASSIFICATION,
     IOContract,
 )
+from hypermerge.runtime.files import MODEL_FILE
 from hypermerge.runtime.ort import open_session, session_contract, session_provider
 from hypermerge.runtime.textstream import TextStream, needs_word_holdback
 from hypermerge.runtime.tokenizer import TOKENIZER_FILE, TextTokenizer
 from hypermerge.runtime.weights_map import read_weights_map
-
-MODEL_FILE = "model.onnx"
 
 # feeds (contract input name -> array) -> outputs in the contract's order
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]

@@ -198,3 +198,20 @@ def test_verify_rechecks_the_int4_model(int4_export, monkeypatch):
     quant = report["quantized"]
     assert quant["file"] == "model.int4.onnx" and "Re-verified: top1_agreement" in quant["reason"]
     assert "onnxruntime_int4" in report["latency"] and quant["bound"]["min"] == wq.WEIGHT_ONLY_BOUNDS["int4"]
+
+
+def test_a_patch_drops_the_int4_model_it_would_leave_stale(int4_export, tmp_path):
+    """model.int4.onnx holds the base's weights: a patched export must not carry it (nor claim it in
+    its report), or `serve --model-file model.int4.onnx` would serve the unpatched model."""
+    from tests.helpers.common import TEST_CONFIGS, perturb_adapter
+
+    source, result = int4_export
+    model = hm.inject(transformers.AutoModelForCausalLM.from_pretrained(source).eval(), TEST_CONFIGS["lora"]())
+    perturb_adapter(model)
+    adapter = hm.save_adapter(model, tmp_path / "adapter", base_model=source)
+    patched = hm.patch_export(result.out, adapter, tmp_path / "patched", verify=False, progress=False)
+    assert not (patched.out / "model.int4.onnx").exists()
+    assert any(line.startswith("model.int4.onnx") for line in patched.dropped)
+    report = json.loads((patched.out / "report.json").read_text())
+    assert "quantized" not in report
+    assert "onnxruntime_int4" not in json.dumps(report.get("latency") or {})
