@@ -42,7 +42,14 @@ from hypermerge.export.weights_map import (
 from hypermerge.fold.hfdir import update_config
 from hypermerge.patch.engine import PatchedWeights, fold_into_export, source_adapters, write_onnx
 from hypermerge.patch.refit import refit_engine
-from hypermerge.runtime.files import ENGINE_FILE, MODEL_FILE, REPORT_JSON, REPORT_MD, STALE_FILES, WEIGHT_ONLY_FILES
+from hypermerge.runtime.files import (
+    ENGINE_FILE,
+    MODEL_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    STALE_FILES,
+    WEIGHT_ONLY_FILES,
+)
 from hypermerge.runtime.ort import open_session, session_contract
 
 

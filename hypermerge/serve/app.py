@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from hypermerge import __version__
+from hypermerge._version import __version__
 from hypermerge.runtime.model import OnnxModel
 from hypermerge.serve.auth import ApiKeyMiddleware
 from hypermerge.serve.backpressure import drain_on_signals
