@@ -10,7 +10,10 @@ Variants (each keeps model.onnx fp32 and writes its own file):
 - dynamic, MLP down-projections fp32: the export's fallback when the first misses the bound;
 - static QDQ: weights int8 per channel, activations int8 with ranges calibrated on 256 training
   sentences (onnxruntime ``quantize_static``, MinMax), attention matmuls fp32;
-- static QDQ, MLP down-projections fp32.
+- static QDQ, MLP down-projections fp32;
+- weight-only int8: onnxruntime ``MatMulNBits`` (what ``--quantize int8`` writes for causal LMs),
+  weights int8 in blocks of 32 (or 128) along the input dimension, each with its own scale, activations
+  quantized per block inside the kernel (``accuracy_level`` 4), attention matmuls fp32.
 
     hypermerge train train/minilm-sentiment-hyperadapt.yaml
     hypermerge fold --adapter runs/minilm-sentiment-hyperadapt/adapter --out runs/minilm-sentiment-folded
@@ -34,6 +37,7 @@ from hypermerge.export import optimize as opt  # noqa: E402
 from hypermerge.export.latency import interleaved  # noqa: E402
 from hypermerge.export.onnx_export import load_torch_model  # noqa: E402
 from hypermerge.export.ort import open_session  # noqa: E402
+from hypermerge.export.quantize import WeightOnlyConfig, quantize_weight_only  # noqa: E402
 from hypermerge.training.data import sentiment_splits  # noqa: E402
 
 CALIBRATION_SENTENCES = 256
@@ -91,11 +95,16 @@ def main() -> None:
     down = opt.ffn_down_nodes(fp32_path)
 
     files = {"dynamic int8": work / "dynamic.onnx", "dynamic int8, MLP down fp32": work / "dynamic-down-fp32.onnx",
-             "static int8 (QDQ)": work / "static.onnx", "static int8 (QDQ), MLP down fp32": work / "static-down-fp32.onnx"}
+             "static int8 (QDQ)": work / "static.onnx", "static int8 (QDQ), MLP down fp32": work / "static-down-fp32.onnx",
+             "weight-only int8, blocks of 32": work / "weight-only-32.onnx",
+             "weight-only int8, blocks of 128": work / "weight-only-128.onnx"}
     opt.quantize_int8(fp32_path, files["dynamic int8"])
     opt.quantize_int8(fp32_path, files["dynamic int8, MLP down fp32"], keep_fp32=down)
     static_int8(fp32_path, files["static int8 (QDQ)"], calibration, [])
     static_int8(fp32_path, files["static int8 (QDQ), MLP down fp32"], calibration, down)
+    for block in (32, 128):
+        quantize_weight_only(fp32_path, files[f"weight-only int8, blocks of {block}"],
+                             WeightOnlyConfig(bits=8, block_size=block, accuracy_level=4))
 
     sessions = {"fp32": open_session(fp32_path, "cpu", args.threads)}
     sessions.update({name: open_session(path, "cpu", args.threads) for name, path in files.items()})

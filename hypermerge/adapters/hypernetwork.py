@@ -406,7 +406,8 @@ def generated_gradients(gen: Generated) -> list[torch.Tensor] | None:
     """Gradients of the tracked generated tensors (plus any carried ones), or None if absent."""
     if gen.scalars is None:
         return None
-    grads = [t.grad for t in gen.tracked()]
+    # a generation made without retain_grad (no grad, or not tracked) has no gradients to read
+    grads = [t.grad if t.retains_grad else None for t in gen.tracked()]
     if any(g is None for g in grads):
         return gen.carried
     if gen.carried is not None:
