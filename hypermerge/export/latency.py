@@ -14,20 +14,21 @@ import torch
 
 from hypermerge.export.onnx_export import call_wrapper, example_inputs
 from hypermerge.export.parity import Case, causal_feeds
+from hypermerge.export.report import LatencySection, ShapeTimings, Timing
 from hypermerge.export.runtime import Runner
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
 from hypermerge.fold.threads import torch_threads
 
 
-def percentiles(times_s: list[float]) -> dict:
+def percentiles(times_s: list[float]) -> Timing:
     """p50 / p90 / p99 / mean in milliseconds."""
     ms = np.asarray(times_s) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": int(ms.size)}
+    return Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)),
+                  float(ms.mean()), int(ms.size))
 
 
 def interleaved(functions: dict[str, Callable[[], object]], *, warmup: int = 3, iters: int = 30,
-                block: int = 5) -> dict[str, dict]:
+                block: int = 5) -> dict[str, Timing]:
     """Time each function ``iters`` times, alternating between them in blocks; percentiles per function.
 
     Each block starts with one untimed run: onnxruntime's worker threads keep spinning for a while
@@ -50,7 +51,7 @@ def interleaved(functions: dict[str, Callable[[], object]], *, warmup: int = 3, 
 
 
 def measure(backends: dict[str, Runner], wrapper: torch.nn.Module, contract: IOContract, vocab: int, *,
-            batch: int, seq: int, threads: int | None, warmup: int = 3, iters: int = 30) -> dict:
+            batch: int, seq: int, threads: int | None, warmup: int = 3, iters: int = 30) -> LatencySection:
     """The ``latency`` section: one forward at (batch, seq) on PyTorch and on each backend.
 
     For causal LMs that forward is a prefill (past 0); a ``decode_step`` entry adds one new token on
@@ -61,9 +62,10 @@ def measure(backends: dict[str, Runner], wrapper: torch.nn.Module, contract: IOC
         threads: torch's intra-op threads during the measurement (match the backends' sessions).
 
     Returns:
-        ``{"batch", "seq", "threads", "iterations", "torch": {...}, <backend>: {...}, "ratio": {...}}``.
+        The section; its ``to_dict`` is ``{"batch", "seq", "threads", "iterations", "torch": {...},
+        <backend>: {...}, "ratio": {...}}`` (and ``decode_step`` for causal LMs).
     """
-    section: dict = {"batch": batch, "seq": seq, "threads": threads or torch.get_num_threads(), "iterations": iters}
+    timings: dict[str, ShapeTimings] = {}
     shapes = {"forward": Case(batch, seq)}
     if contract.task == CAUSAL_LM:
         shapes["decode_step"] = Case(batch, 1, past=seq)
@@ -78,9 +80,7 @@ def measure(backends: dict[str, Runner], wrapper: torch.nn.Module, contract: IOC
             for name, run in backends.items():
                 functions[name] = lambda r=run, a=arrays: r(a)
             stats = interleaved(functions, warmup=warmup, iters=iters)
-            stats["ratio"] = {name: stats[name]["p50_ms"] / stats["torch"]["p50_ms"] for name in backends}
-            if label == "forward":
-                section.update(stats)
-            else:
-                section[label] = stats
-    return section
+            ratio = {name: stats[name].p50_ms / stats["torch"].p50_ms for name in backends}
+            timings[label] = ShapeTimings(stats, ratio)
+    return LatencySection(batch, seq, threads or torch.get_num_threads(), iters, timings["forward"],
+                          timings.get("decode_step"))

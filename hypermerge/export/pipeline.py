@@ -26,11 +26,10 @@ from hypermerge.export.onnx_files import move_onnx
 from hypermerge.export.parity import TOLERANCES
 from hypermerge.export.plan import ExportPlan, ExportRun
 from hypermerge.export.quantized import quantized
-from hypermerge.export.report import ExportHeader, io_spec, utc_now
+from hypermerge.export.report import ExportHeader, LatencySection, TensorRTSection, io_spec, utc_now
 from hypermerge.export.verification import (
     Reference,
     cases_within,
-    drop_backend,
     engine_runner,
     onnx_label,
     onnx_runner,
@@ -114,13 +113,13 @@ def optimized(run: ExportRun) -> dict:
     return section
 
 
-def serve_optimized(run: ExportRun) -> None:
+def serve_optimized(run: ExportRun, latency: LatencySection | None) -> None:
     """Record both latencies in the optimize section, then make the optimized model ``model.onnx``."""
-    latency, section = run.report["latency"], run.report["optimize"]
+    section = run.report["optimize"]
     if latency:
-        section["plain_p50_ms"] = latency["onnxruntime_unoptimized"]["p50_ms"]
-        section["optimized_p50_ms"] = latency["onnxruntime"]["p50_ms"]
-        drop_backend(latency, "onnxruntime_unoptimized")
+        section["plain_p50_ms"] = latency.timing("onnxruntime_unoptimized").p50_ms
+        section["optimized_p50_ms"] = latency.timing("onnxruntime").p50_ms
+        latency.drop_backend("onnxruntime_unoptimized")
     run.session, run.backends = None, {}  # the sessions hold the files open
     move_onnx(run.served, run.out / MODEL_FILE)
 
@@ -134,20 +133,21 @@ def tensorrt_engine(run: ExportRun) -> dict:
     """
     o, shape_range, contract = run.options, run.plan.shape_range, run.contract
     trt = trt_mod.require_tensorrt()
-    section = trt_mod.build_engine(trt, run.out / MODEL_FILE, run.out, contract, shape_range, o.precision)
+    section = TensorRTSection.from_dict(
+        trt_mod.build_engine(trt, run.out / MODEL_FILE, run.out, contract, shape_range, o.precision))
     runner = engine_runner(trt, run.out, contract)
     if o.verify:
         greedy_fits = (shape_range.min.batch <= 3 <= shape_range.max.batch
                        and shape_range.max.past >= 11 + o.new_tokens and shape_range.min.past == 0)
-        section["parity"] = run.parity(runner, backend=f"tensorrt:{o.precision}", tolerance=TOLERANCES[o.precision],
-                                       cases=cases_within(shape_range, contract.task), greedy=greedy_fits)
-        require_parity(section["parity"], "the TensorRT engine does not match PyTorch",
+        section.parity = run.parity(runner, backend=f"tensorrt:{o.precision}", tolerance=TOLERANCES[o.precision],
+                                    cases=cases_within(shape_range, contract.task), greedy=greedy_fits)
+        require_parity(section.parity, "the TensorRT engine does not match PyTorch",
                        hint="try --fp16 instead of --bf16, or fp32")
     run.backends["tensorrt"] = runner
-    return section
+    return section.to_dict()
 
 
-def latency(run: ExportRun) -> dict | None:
+def latency(run: ExportRun) -> LatencySection | None:
     """PyTorch against every backend still in the run (None when nothing was verified or built)."""
     o = run.options
     if not (o.verify or o.optimize or o.quantize):
@@ -176,9 +176,10 @@ def run_export(plan: ExportPlan, out: Path, stage: Callable[[str], None]) -> dic
         stage("TensorRT")
         report["tensorrt"] = tensorrt_engine(run)
     stage("latency")
-    report["latency"] = latency(run)
+    measured = latency(run)
     if o.optimize:
-        serve_optimized(run)
+        serve_optimized(run, measured)
+    report["latency"] = measured.to_dict() if measured else None
     if decide is not None:
         report["quantized"] = decide(report["latency"])
     stage("weights map")

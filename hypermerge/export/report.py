@@ -111,6 +111,97 @@ class PatchSection(Section):
     seconds: float | None = None
 
 
+@dataclasses.dataclass
+class Timing(Section):
+    """One backend's time for one call, in milliseconds over ``runs`` interleaved runs."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+
+
+@dataclasses.dataclass
+class ShapeTimings:
+    """PyTorch and every backend at one shape: a timing per backend (``torch`` first) and each
+    backend's p50 as a ratio to PyTorch's. In the JSON the backends sit beside ``ratio``, one key each."""
+
+    timings: dict[str, Timing]
+    ratio: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The backends by name, then ``ratio`` (report.json's order)."""
+        return {**{name: timing.to_dict() for name, timing in self.timings.items()}, "ratio": dict(self.ratio)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapeTimings:
+        """Read back: every entry with a ``p50_ms`` is a backend."""
+        timings = {name: Timing.from_dict(value) for name, value in data.items()
+                   if isinstance(value, dict) and "p50_ms" in value}
+        return cls(timings, dict(data.get("ratio") or {}))
+
+    def drop(self, name: str) -> None:
+        """Forget a backend (its timing and its ratio)."""
+        self.timings.pop(name, None)
+        self.ratio.pop(name, None)
+
+
+@dataclasses.dataclass
+class LatencySection:
+    """The ``latency`` section: the measurement's shape and threads, the forward's timings and, for a
+    causal LM, one decode step on a cache of ``seq`` tokens."""
+
+    batch: int
+    seq: int
+    threads: int
+    iterations: int
+    forward: ShapeTimings
+    decode_step: ShapeTimings | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """batch, seq, threads, iterations, the forward's backends and ratio, then ``decode_step`` if any."""
+        data: dict[str, Any] = {"batch": self.batch, "seq": self.seq, "threads": self.threads,
+                                "iterations": self.iterations, **self.forward.to_dict()}
+        if self.decode_step is not None:
+            data["decode_step"] = self.decode_step.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencySection:
+        """The section read back from report.json."""
+        step = data.get("decode_step")
+        return cls(data["batch"], data["seq"], data["threads"], data["iterations"], ShapeTimings.from_dict(data),
+                   ShapeTimings.from_dict(step) if step else None)
+
+    def timing(self, backend: str) -> Timing:
+        """The forward's timing on ``backend``."""
+        return self.forward.timings[backend]
+
+    def drop_backend(self, name: str) -> None:
+        """Remove a backend that was not kept (from the forward and the decode step)."""
+        self.forward.drop(name)
+        if self.decode_step is not None:
+            self.decode_step.drop(name)
+
+
+@dataclasses.dataclass
+class TensorRTSection(Section):
+    """The ``tensorrt`` section: how ``model.engine`` was built and, once checked, its parity."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("parity", "reverified")
+
+    version: str
+    precision: str
+    flags: list[str]
+    profile: dict  # min / opt / max shapes
+    input_shapes: dict[str, list[list[int]]]
+    engine: str
+    timing_cache: str
+    parity: dict | None = None
+    reverified: str | None = None
+
+
 def utc_now() -> str:
     """The time a report records (created_at, verified_at, patched_at): UTC, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

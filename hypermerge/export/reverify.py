@@ -163,7 +163,7 @@ def latency(run: VerifyRun) -> dict:
     recorded, o = run.report.get("latency") or {}, run.options
     batch, seq = default_shape(run.contract.task, o.batch or recorded.get("batch"), o.seq or recorded.get("seq"))
     return measure(run.backends, run.reference.wrapper, run.contract, run.reference.vocab, batch=batch, seq=seq,
-                   threads=o.threads, iters=o.iters)
+                   threads=o.threads, iters=o.iters).to_dict()
 
 
 def update_quantized(run: VerifyRun, file: str, label: str, accuracy: dict) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hypermerge.errors import BackendUnavailableError, ConfigError, ExportError
+from hypermerge.export.report import TensorRTSection
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
 from hypermerge.runtime.files import ENGINE_FILE, TIMING_CACHE_FILE
 
@@ -128,7 +129,8 @@ def build_engine(trt, onnx_path: Path, out_dir: Path, contract: IOContract, shap
     cache in ``out_dir/timing.cache`` (an existing one is reused: rebuilds skip kernel timing).
 
     Returns:
-        The ``tensorrt`` report section (version, precision, profile, flags, files).
+        The ``tensorrt`` report section (version, precision, profile, flags, files), as report.json
+        holds it (``TensorRTSection.from_dict`` reads it back typed).
 
     Raises:
         ExportError: the parser rejects the graph or the builder returns no engine.
@@ -161,10 +163,10 @@ def build_engine(trt, onnx_path: Path, out_dir: Path, contract: IOContract, shap
                           hint="its log above says why; a smaller --shapes max or more GPU memory often helps")
     (out_dir / ENGINE_FILE).write_bytes(bytes(serialized))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"version": getattr(trt, "__version__", "unknown"), "precision": precision,
-            "flags": [str(getattr(flag, "name", flag)) for flag in flags], "profile": shapes.as_dict(),
-            "input_shapes": {name: [list(s) for s in v] for name, v in per_input.items()},
-            "engine": ENGINE_FILE, "timing_cache": TIMING_CACHE_FILE}
+    return TensorRTSection(getattr(trt, "__version__", "unknown"), precision,
+                           [str(getattr(flag, "name", flag)) for flag in flags], shapes.as_dict(),
+                           {name: [list(s) for s in v] for name, v in per_input.items()}, ENGINE_FILE,
+                           TIMING_CACHE_FILE).to_dict()
 
 
 class TensorRTRunner:

@@ -30,6 +30,7 @@ from hypermerge.export.parity import (
     check_parity,
     failure_summary,
 )
+from hypermerge.export.report import LatencySection
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
 from hypermerge.fold.safetensors_io import TORCH_DTYPES
 from hypermerge.runtime.files import ENGINE_FILE
@@ -171,9 +172,9 @@ def verify_engine(export_dir: Path, section: dict, contract: IOContract, referen
 
 
 def drop_backend(latency: dict, name: str) -> None:
-    """Remove a backend that was not kept from the latency section (and its decode step)."""
-    latency.pop(name, None)
-    latency.get("ratio", {}).pop(name, None)
-    step = latency.get("decode_step")
-    if step:
-        drop_backend(step, name)
+    """Remove a backend that was not kept from a latency section held as report.json's dict, in
+    place (``LatencySection.drop_backend`` on the typed section)."""
+    section = LatencySection.from_dict(latency)
+    section.drop_backend(name)
+    latency.clear()
+    latency.update(section.to_dict())

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import json
 
-from hypermerge.export.report import ExportHeader, Int8Section, ParitySection, PatchSection
+from hypermerge.export.report import (
+    ExportHeader,
+    Int8Section,
+    LatencySection,
+    ParitySection,
+    PatchSection,
+    ShapeTimings,
+    TensorRTSection,
+    Timing,
+)
+from hypermerge.export.verification import drop_backend
 
 
 def test_the_export_header_keeps_the_documented_key_order():
@@ -32,3 +42,40 @@ def test_optional_keys_appear_only_when_set_and_sections_read_back():
     int8 = Int8Section("m", "model.int8.onnx", True, {}, {"metric": "cosine_min", "min": 0.99}, 1.0, 2.0, 0.5, 0.4, "r")
     assert list(int8.to_dict()) == ["method", "file", "kept", "accuracy", "bound", "p50_ms", "fp32_p50_ms",
                                     "ratio_to_fp32", "ratio_to_torch", "reason"]
+
+
+def _timings(*backends: str) -> ShapeTimings:
+    return ShapeTimings({name: Timing(1.0, 2.0, 3.0, 1.5, 30) for name in ("torch", *backends)},
+                        {name: 0.5 for name in backends})
+
+
+def test_the_latency_section_keeps_its_backends_beside_ratio_and_reads_back():
+    latency = LatencySection(2, 8, 2, 30, _timings("onnxruntime", "onnxruntime_int4"),
+                             _timings("onnxruntime", "onnxruntime_int4"))
+    data = json.loads(json.dumps(latency.to_dict()))
+    assert list(data) == ["batch", "seq", "threads", "iterations", "torch", "onnxruntime", "onnxruntime_int4",
+                          "ratio", "decode_step"]
+    assert list(data["torch"]) == ["p50_ms", "p90_ms", "p99_ms", "mean_ms", "runs"]
+    assert list(data["decode_step"]) == ["torch", "onnxruntime", "onnxruntime_int4", "ratio"]
+    assert LatencySection.from_dict(data) == latency
+    encoder = LatencySection(8, 64, 2, 30, _timings("onnxruntime"))
+    assert "decode_step" not in encoder.to_dict() and LatencySection.from_dict(encoder.to_dict()) == encoder
+
+
+def test_dropping_a_backend_removes_it_from_the_forward_the_ratio_and_the_decode_step():
+    latency = LatencySection(2, 8, 2, 30, _timings("onnxruntime", "tensorrt"), _timings("onnxruntime", "tensorrt"))
+    data = latency.to_dict()
+    latency.drop_backend("tensorrt")
+    assert "tensorrt" not in latency.forward.timings and "tensorrt" not in latency.decode_step.ratio
+    drop_backend(data, "tensorrt")  # the old function, on report.json's dict, in place
+    assert data == latency.to_dict() and "tensorrt" not in data["decode_step"]
+
+
+def test_the_tensorrt_section_adds_parity_and_reverified_only_when_set():
+    section = TensorRTSection("10.0", "fp16", ["REFIT", "FP16"], {"min": {}, "opt": {}, "max": {}},
+                              {"input_ids": [[1, 1], [1, 32], [4, 64]]}, "model.engine", "timing.cache")
+    assert list(section.to_dict()) == ["version", "precision", "flags", "profile", "input_shapes", "engine",
+                                       "timing_cache"]
+    section.parity, section.reverified = {"passed": True}, "yes"
+    assert list(section.to_dict())[-2:] == ["parity", "reverified"]
+    assert TensorRTSection.from_dict(json.loads(json.dumps(section.to_dict()))) == section
