@@ -183,7 +183,7 @@ def run_export(plan: ExportPlan, out: Path, stage: Callable[[str], None]) -> dic
     if decide is not None:
         report["quantized"] = decide(report["latency"])
     stage("weights map")
-    report["weights_map"] = record_weights_map(out, plan.model_dir, report["source"]["weights_sha256"])
+    report["weights_map"] = record_weights_map(out, plan.model_dir, report["source"]["weights_sha256"]).to_dict()
     certify_export(plan.model_dir, out, report, task=plan.task, provider=o.provider, threads=o.threads,
                    new_tokens=o.new_tokens, verify=o.verify)
     report["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hypermerge.errors import ExportError
+from hypermerge.export.report import WeightOnlySection
 from hypermerge.export.runtime import Runner, decode
 from hypermerge.export.tasks import IOContract
 from hypermerge.runtime.files import WEIGHT_ONLY_FILES  # noqa: F401 (its old home)
@@ -225,11 +226,15 @@ class DecodeQuality:
             self.reason = f"Not kept ({'; '.join(why)}): only model.onnx (fp32) is in the directory."
         return self.kept
 
+    def section(self) -> WeightOnlySection:
+        """The report's ``quantized`` section as of now (decide first: it sets ``kept`` and ``reason``)."""
+        return WeightOnlySection(self.scheme, self.details["method"], self.file, self.kept, self.details, self.top1,
+                                 {"metric": "top1_agreement", "min": self.bound}, self.greedy, self.speed,
+                                 self.speedup, self.reason)
+
     def to_dict(self) -> dict:
-        return {"kind": "weight-only", "scheme": self.scheme, "method": self.details["method"], "file": self.file,
-                "kept": self.kept, "details": self.details, "accuracy": self.top1,
-                "bound": {"metric": "top1_agreement", "min": self.bound}, "greedy": self.greedy,
-                "decode_tokens_per_s": self.speed, "speedup_batch_1": self.speedup, "reason": self.reason}
+        """The section as report.json holds it."""
+        return self.section().to_dict()
 
 
 def measure_decode_quality(scheme: str, path: Path, fp32_run: Runner, run: Runner, details: dict, *, model,

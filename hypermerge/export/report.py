@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hypermerge.export.weights_map import weights_map_markdown
+from hypermerge.export.weights_map_report import weights_map_markdown
 from hypermerge.runtime.files import MODEL_FILE, REPORT_JSON, REPORT_MD
 
 FORMAT = "hypermerge-export-report"
@@ -87,6 +87,25 @@ class Int8Section(Section):
     fp32_p50_ms: float
     ratio_to_fp32: float
     ratio_to_torch: float
+    reason: str
+
+
+@dataclasses.dataclass
+class WeightOnlySection(Section):
+    """A causal LM's ``quantized`` section (``--quantize int4`` / ``int8``, MatMulNBits): next-token
+    agreement and greedy decode against PyTorch, decode speed against fp32 ONNX, kept or not and why."""
+
+    kind: str = dataclasses.field(default="weight-only", kw_only=True)  # what to_markdown tells int8's apart by
+    scheme: str
+    method: str
+    file: str
+    kept: bool
+    details: dict
+    accuracy: dict  # top1_agreement, samples, inputs, positions
+    bound: dict  # metric, min
+    greedy: dict
+    decode_tokens_per_s: dict  # new_tokens, batch_<n>: {fp32, quantized}
+    speedup_batch_1: float
     reason: str
 
 
@@ -200,6 +219,30 @@ class TensorRTSection(Section):
     timing_cache: str
     parity: dict | None = None
     reverified: str | None = None
+
+
+@dataclasses.dataclass
+class WeightsMapSection(Section):
+    """The ``weights_map`` section: how much of the source the map located (``WeightsMap.summary``'s
+    counts), or, where the map could not be built, ``file`` None and the ``error``."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("tensors", "mapped", "locations", "transforms", "shared_initializers",
+                                           "constant_tensors", "unmapped", "error")
+
+    file: str | None
+    tensors: int | None = None
+    mapped: int | None = None
+    locations: int | None = None
+    transforms: dict[str, int] | None = None
+    shared_initializers: int | None = None
+    constant_tensors: list[str] | None = None
+    unmapped: list[dict] | None = None  # weight, reason: what ``hypermerge patch`` refuses to change
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> WeightsMapSection:
+        """The section of a map that could not be built (the export goes on without it)."""
+        return cls(None, error=error)
 
 
 def utc_now() -> str:

@@ -41,8 +41,9 @@ from safetensors import safe_open
 from hypermerge.errors import HypermergeError
 
 # the graph reader, the data model, its JSON, the base check and the report lines live in their own
-# modules; re-exported for the exporter, patch and callers of the old paths
+# modules; re-exported (the noqa lines) for the exporter, patch and callers of the old paths
 from hypermerge.export.onnx_initializers import GraphScopes, Initializers, load_onnx_graph  # noqa: F401
+from hypermerge.export.report import WeightsMapSection
 from hypermerge.export.weights_map_report import weights_map_markdown  # noqa: F401
 from hypermerge.fold.hfdir import open_base
 from hypermerge.runtime.adapter_base import check_adapter_base  # noqa: F401
@@ -244,7 +245,7 @@ def _scale_of(held: np.ndarray, value: np.ndarray) -> float | None:
     return scale
 
 
-def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | None) -> dict:
+def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | None) -> WeightsMapSection:
     """Build the map of ``export_dir/model.onnx``, write it beside the model, return the report section.
 
     A map that cannot be built does not fail the export (the model is as good as without it);
@@ -253,6 +254,6 @@ def record_weights_map(export_dir: Path, source_dir: Path, source_sha256: str | 
     try:
         weights_map = build_weights_map(Path(export_dir) / MODEL_FILE, source_dir, source_sha256=source_sha256)
     except HypermergeError as error:
-        return {"file": None, "error": error.one_line()}
+        return WeightsMapSection.failed(error.one_line())
     write_weights_map(export_dir, weights_map)
-    return weights_map.summary()
+    return WeightsMapSection.from_dict(weights_map.summary())

@@ -14,6 +14,8 @@ from hypermerge.export.report import (
     ShapeTimings,
     TensorRTSection,
     Timing,
+    WeightOnlySection,
+    WeightsMapSection,
 )
 from hypermerge.export.verification import drop_backend
 
@@ -79,3 +81,24 @@ def test_the_tensorrt_section_adds_parity_and_reverified_only_when_set():
     section.parity, section.reverified = {"passed": True}, "yes"
     assert list(section.to_dict())[-2:] == ["parity", "reverified"]
     assert TensorRTSection.from_dict(json.loads(json.dumps(section.to_dict()))) == section
+
+
+def test_the_weight_only_section_opens_with_its_kind_and_reads_back():
+    section = WeightOnlySection("int4", "MatMulNBits", "model.int4.onnx", True, {"bits": 4},
+                                {"top1_agreement": 0.9}, {"metric": "top1_agreement", "min": 0.8},
+                                {"lengths": [8]}, {"new_tokens": 8, "batch_1": {"fp32": 1.0, "quantized": 2.0}},
+                                2.0, "kept")
+    assert list(section.to_dict()) == ["kind", "scheme", "method", "file", "kept", "details", "accuracy", "bound",
+                                       "greedy", "decode_tokens_per_s", "speedup_batch_1", "reason"]
+    assert section.to_dict()["kind"] == "weight-only"
+    assert WeightOnlySection.from_dict(json.loads(json.dumps(section.to_dict()))) == section
+
+
+def test_the_weights_map_section_is_its_counts_or_why_there_is_no_map():
+    built = WeightsMapSection("weights_map.json", 3, 2, 2, {"identity": 2}, 0, [], [{"weight": "w", "reason": "r"}])
+    assert list(built.to_dict()) == ["file", "tensors", "mapped", "locations", "transforms", "shared_initializers",
+                                     "constant_tensors", "unmapped"]
+    assert WeightsMapSection.from_dict(json.loads(json.dumps(built.to_dict()))) == built
+    failed = WeightsMapSection.failed("no map: why")
+    assert failed.to_dict() == {"file": None, "error": "no map: why"}
+    assert WeightsMapSection.from_dict(failed.to_dict()) == failed
