@@ -23,10 +23,9 @@ from hypermerge.export import tensorrt as trt_mod
 from hypermerge.export.api import open_export
 from hypermerge.export.certificate import weights_sha256
 from hypermerge.export.parity import TOLERANCES, Tolerance, failure_summary
-from hypermerge.export.report import PatchSection, utc_now, write_report
+from hypermerge.export.report import LatencySection, PatchSection, utc_now, write_report
 from hypermerge.export.verification import (
     Reference,
-    drop_backend,
     onnx_label,
     onnx_runner,
     require_parity,
@@ -188,15 +187,19 @@ def patched_report(patch: Patch, section: PatchSection) -> dict:
     report = {**patch.report, "patch": section.to_dict(), "patched_at": utc_now(), "hypermerge": __version__}
     report["source"] = {**(report.get("source") or {}), "path": str(source.absolute()) if str(source)
                         not in ("", ".") else None, "adapters": patch.adapters}
+    # read back typed: dropping a backend edits this report's copy, not the export's report
+    latency = LatencySection.from_dict(report["latency"]) if report.get("latency") else None
     for scheme, quantized_file in WEIGHT_ONLY_FILES.items():  # an encoder's dynamic int8 shares the int8 name
         if quantized_file in patch.dropped:
             report.pop("quantized", None)
-            if report.get("latency"):
-                drop_backend(report["latency"], f"onnxruntime_{scheme}")
+            if latency:
+                latency.drop_backend(f"onnxruntime_{scheme}")
     if ENGINE_FILE in patch.dropped:
         report.pop("tensorrt", None)
-        if report.get("latency"):
-            drop_backend(report["latency"], "tensorrt")
+        if latency:
+            latency.drop_backend("tensorrt")
+    if latency:
+        report["latency"] = latency.to_dict()
     return report
 
 
