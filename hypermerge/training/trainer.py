@@ -169,16 +169,6 @@ def _console(quiet: bool) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _console(quiet: bool) -> Iterator[None]:
-    """Quiet: no transformers warnings or progress bars (loading, saving) for the run's duration."""
-    if not quiet:
-        yield
-        return
-    with tasks.quiet_transformers():
-        yield
-
-
 @dataclasses.dataclass(frozen=True)
 class Inputs:
     """What the run trains on: the base model's directory, its tokenizer, the data and the model."""
