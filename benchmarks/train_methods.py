@@ -90,16 +90,17 @@ def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], o
     """The same pipeline as ``hm.train`` with the model wrapped by PEFT."""
     import transformers
 
-    from hypermerge.training import tasks
+    from hypermerge.training import launch, tasks
+    from hypermerge.training import metrics as run_metrics
     from hypermerge.training import trainer as hm_trainer
     from hypermerge.training.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides, max_steps=steps)
-    device, precision = hm_trainer._device_and_precision(recipe)
+    device, precision = launch.device_and_precision(recipe)
     tokenizer = tasks.load_tokenizer(recipe.model.resolve())
     data = tasks.build_data(recipe, tokenizer)
     model, params = build_model(method, recipe, data, tokenizer, steps)
-    args = hm_trainer._training_arguments(recipe, out / "checkpoints", device=device, precision=precision, world=1,
+    args = launch.training_arguments(recipe, out / "checkpoints", device=device, precision=precision, world=1,
                                           per_device=recipe.training.batch_size, scored=True, has_eval=True, quiet=True)
     timer = hm_trainer.StepTimer()
     callbacks = [timer] + ([PeftAllocation(model)] if method == "peft-adalora" else [])
@@ -108,10 +109,10 @@ def run_peft(method: str, recipe_path: Path, steps: int, overrides: list[str], o
         compute_metrics=tasks.accuracy, preprocess_logits_for_metrics=tasks.argmax_logits, callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     trainer.model_accepts_loss_kwargs = False  # as hm.train does for classification
-    hm_trainer._reset_peak_memory(device)
+    run_metrics.reset_peak_memory(device)
     trainer.train()
     evaluation = trainer.evaluate()
-    memory, memory_kind = hm_trainer._peak_memory(device)
+    memory, memory_kind = run_metrics.peak_memory(device)
     steady = timer.seconds[2:] if len(timer.seconds) > 4 else timer.seconds
     return {
         "trainable_parameters": sum(p.numel() for p in params),

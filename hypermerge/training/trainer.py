@@ -58,7 +58,6 @@ from hypermerge.training.hf_trainer import (
 )
 from hypermerge.training.launch import (
     RunPlan,
-    device_and_precision,
     plan_run,
     run_directory,
     training_arguments,
@@ -84,12 +83,6 @@ from hypermerge.training.run_dir import (
     write_text,
     yaml_text,
 )
-
-# the old homes of names that moved out of this module (benchmarks/train_methods.py uses the first four)
-_device_and_precision = device_and_precision
-_training_arguments = training_arguments
-_reset_peak_memory = reset_peak_memory
-_peak_memory = peak_memory
 
 __all__ = ["CHECKPOINTS_DIR", "METRICS_FILE", "RECIPE_FILE", "RUN_ENTRIES", "RUN_STATE_FILE", "TRAINING_STATE_FILE",
            "HypermergeTrainer", "RankAllocationCallback", "ScheduleCheck", "StepTimer", "TrainResult",
