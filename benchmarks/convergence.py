@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default=None, help="name of this variant in the analysis (default: the method)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save-adapter", type=Path, default=None,
+                        help="also write the trained adapter (hm.save_adapter), for fold / export / serve")
     return parser.parse_args()
 
 
@@ -86,6 +88,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]()
+    if args.save_adapter is not None and task.base is None:
+        raise SystemExit(f"--save-adapter: the {args.task} task's model is not its packaged base (a probe head)")
     model = task.load_model()
     config = build_config(args, task.adapter_extra)
     torch.manual_seed(args.seed + 1000)  # the adapter's initialisation
@@ -98,7 +102,7 @@ def main() -> None:
     batches = task.train_batches(args.batch, args.seed)
 
     record = {"task": args.task, "method": args.method, "label": args.label or args.method, "seed": args.seed,
-              "lr": args.lr, "args": vars(args) | {"out": str(args.out)}, "config": config.to_dict(),
+              "lr": args.lr, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "config": config.to_dict(),
               "trainable_parameters": hm.trainable_parameters(model),
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                          f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f} at start",
@@ -139,6 +143,8 @@ def main() -> None:
     record["train_seconds"] = train_seconds
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record) + "\n")
+    if args.save_adapter is not None:
+        hm.save_adapter(model, args.save_adapter, base_model=task.base)
     print(f"final: {json.dumps(record['final'])}", flush=True)
 
 

@@ -51,6 +51,7 @@ class Task:
     pad_id: int
     causal: bool
     adapter_extra: dict  # config fields the task needs (modules_to_save)
+    base: Path | None = None  # the base model directory, where a saved adapter applies to it unchanged
 
     def batch(self, rows: Rows, indices: list[int]) -> dict[str, torch.Tensor]:
         length = max(len(rows.ids[i]) for i in indices)
@@ -199,7 +200,7 @@ def smollm2(curve_size: int = 128, final_size: int = 1000) -> Task:
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Task("smollm2", load_model, encode(splits["train"]), encode(splits["validation"]), encode(splits["test"]),
-                pad, causal=True, adapter_extra={})
+                pad, causal=True, adapter_extra={}, base=base)
 
 
 TASKS = {"minilm": minilm, "smollm2": smollm2}
