@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hypermerge as hm  # noqa: E402
 from decode_peer import Ours, Peer, build_peer  # noqa: E402
+
+import hypermerge as hm  # noqa: E402
 from hypermerge.export import quantize as wq  # noqa: E402
 from hypermerge.export.onnx_export import load_torch_model  # noqa: E402
 from hypermerge.training.data import arithmetic_splits  # noqa: E402
