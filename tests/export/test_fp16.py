@@ -92,6 +92,7 @@ def test_the_encoder_section_is_consistent_with_its_numbers(encoder_fp16):
     assert quant["kind"] == "fp16" and quant["file"] == "model.fp16.onnx" and quant["timed"] == "forward"
     assert quant["bound"] == {"metric": metric, "min": bound} and quant["accuracy"]["inputs"] == "sentences"
     assert quant["backend"] == "onnxruntime:CPUExecutionProvider" and "greedy" not in quant
+    assert quant["details"]["initializers_fp16"] > 0 and quant["details"]["initializers_fp32"] == 0  # it was written
     assert quant["parity"]["tolerance"] == {"atol": 2e-2, "rtol": 2e-2} and quant["parity"]["max_abs_err"] > 0
     assert quant["fp32_p50_ms"] == report["latency"]["onnxruntime"]["p50_ms"]
     within, faster = quant["accuracy"][metric] >= bound, quant["p50_ms"] < quant["fp32_p50_ms"]
