@@ -163,10 +163,10 @@ _PROFILE_OPTIONS = {"opset": "opset", "optimize": "optimize", "quantize": "quant
               help="auto (from config.architectures), feature-extraction, sequence-classification, causal-lm.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="onnxruntime's transformer optimizer (fusions); parity re-checked.")
-@click.option("--quantize", default=None, metavar="int8|int4",
+@click.option("--quantize", default=None, metavar="int8|int4|fp16",
               help="Also write a quantized model beside model.onnx (fp32), kept only if faster and within its "
-                   "accuracy bound: int8 (encoders: dynamic; causal LMs: weight-only) or int4 (causal LMs, "
-                   "weight-only, for decoding).")
+                   "accuracy bound: int8 (encoders: dynamic; causal LMs: weight-only), int4 (causal LMs, "
+                   "weight-only, for decoding) or fp16 (the graph in float16, for onnxruntime's CUDA provider).")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="Weight-only quantization (causal LMs): weights per scale.")
 @click.option("--accuracy-level", type=int, default=4, show_default=True,
@@ -313,7 +313,8 @@ def verify(export_dir: Path, source: Path | None, batch: int | None, seq: int | 
 @click.option("--request-timeout", type=float, default=None,
               help="Seconds a request may wait for the model before it is answered 503 [default: no limit].")
 @click.option("--model-file", default="model.onnx", show_default=True,
-              help="The model to serve: model.onnx, or model.int8.onnx / model.int4.onnx where the export kept one.")
+              help="The model to serve: model.onnx, or model.int8.onnx / model.int4.onnx / model.fp16.onnx where "
+                   "the export kept one.")
 @click.option("--quiet", "-q", is_flag=True, help="No access log (warnings and errors only).")
 def serve(export_dir: Path, host: str, port: int, provider: str, max_batch: int, max_wait_ms: float, workers: int,
           threads: int | None, max_inputs: int, name: str | None, graceful_timeout: float, adapters: tuple[str, ...],

@@ -19,6 +19,7 @@ from hypermerge.export.onnx_export import DEFAULT_OPSET
 from hypermerge.export.parity import TOLERANCES, Tolerance
 from hypermerge.export.tasks import CAUSAL_LM, IOContract, check_task, detect_task, read_config
 from hypermerge.export.verification import Reference
+from hypermerge.runtime.files import QUANTIZED_FILES
 from hypermerge.runtime.model import Runner
 from hypermerge.runtime.ort import open_session
 
@@ -33,11 +34,13 @@ class ExportOptions:
     Attributes:
         task: auto (from ``config.architectures``), feature-extraction, sequence-classification or causal-lm.
         optimize: apply onnxruntime's transformer optimizer; parity is re-checked on the result.
-        quantize: "int8" or "int4". Encoders: int8 dynamic quantization, kept as ``model.int8.onnx``
-            only if it is faster and within the accuracy bound. Causal LMs: weight-only (MatMulNBits,
-            ``block_size`` weights per scale, ``accuracy_level`` its compute type), kept as
-            ``model.int4.onnx`` / ``model.int8.onnx`` only if within its next-token agreement bound
-            and faster to decode. ``model.onnx`` stays fp32 either way.
+        quantize: "int8", "int4" or "fp16". Encoders: int8 dynamic quantization, kept as
+            ``model.int8.onnx`` only if it is faster and within the accuracy bound. Causal LMs:
+            weight-only (MatMulNBits, ``block_size`` weights per scale, ``accuracy_level`` its compute
+            type), kept as ``model.int4.onnx`` / ``model.int8.onnx`` only if within its next-token
+            agreement bound and faster to decode. fp16 (any task): the graph in float16 for
+            onnxruntime's CUDA provider, kept as ``model.fp16.onnx`` only if within int8's bound and
+            faster than fp32 on ``provider``. ``model.onnx`` stays fp32 either way.
         trt: also build ``model.engine`` with TensorRT (``precision`` fp32/fp16/bf16, ``shapes`` its profile).
         verify: check parity (and measure latency); False skips both.
         batch, seq, threads, iters: the latency measurement (defaults: 8×64 encoders, 1×64 causal LMs;
@@ -91,9 +94,10 @@ class ExportOptions:
 
 
 def check_quantize(quantize: str | None, task: str, block_size: int, accuracy_level: int) -> None:
-    """Raise ConfigError for an unknown scheme, int4 on an encoder, or a block size / level onnxruntime lacks."""
-    if quantize not in (None, *wq.BITS):
-        raise ConfigError(f"unknown quantization {quantize!r}", hint=f"use {' or '.join(wq.BITS)}")
+    """Raise ConfigError for an unknown scheme, int4 on an encoder, or a block size / level onnxruntime lacks
+    (fp16 ignores the block size and level, as int8 does on an encoder)."""
+    if quantize not in (None, *QUANTIZED_FILES):
+        raise ConfigError(f"unknown quantization {quantize!r}", hint=f"use {' or '.join(QUANTIZED_FILES)}")
     if quantize == "int4" and task != CAUSAL_LM:
         raise ConfigError(f"int4 is weight-only quantization for decoding causal LMs; this is {task}",
                           hint="use --quantize int8 for encoders")

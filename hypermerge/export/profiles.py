@@ -28,9 +28,10 @@ import yaml
 
 from hypermerge.errors import ConfigError
 from hypermerge.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES
+from hypermerge.runtime.files import QUANTIZED_FILES
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "export"  # the repository's export/ (beside train/)
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = tuple(QUANTIZED_FILES)  # int8, int4, fp16
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -44,7 +45,8 @@ class ExportProfile:
         provider: onnxruntime provider for checks and latency: auto, cpu, cuda, tensorrt.
         opset: ONNX opset (17 or newer).
         optimize: onnxruntime's transformer optimizer (parity re-checked).
-        quantize: None, ``int8`` or ``int4`` (causal LMs: weight-only MatMulNBits; encoders: int8 dynamic).
+        quantize: None, ``int8`` or ``int4`` (causal LMs: weight-only MatMulNBits; encoders: int8 dynamic),
+            or ``fp16`` (the graph in float16, for the CUDA provider).
         block_size: weight-only quantization block (weights per scale), a power of two in 16..256.
         accuracy_level: MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
         trt, precision, shapes: a TensorRT engine, its precision and its profile (``MIN:OPT:MAX``).

@@ -160,6 +160,16 @@ def greedy_agreement(run: Runner, contract: IOContract, ids: np.ndarray, mask: n
             "mean_length": float(np.mean(lengths)), "all_equal": all(n == reference.shape[1] for n in lengths)}
 
 
+def greedy_against_torch(run: Runner, model, contract: IOContract, vocab: int, tokenizer=None,
+                         new_tokens: int = 32) -> dict:
+    """:func:`greedy_agreement` of ``run`` on the built-in greedy prompts against PyTorch's
+    ``generate`` on ``model`` (what a weight-only or fp16 model's report quotes)."""
+    from hypermerge.export.parity import greedy_prompts, torch_greedy
+
+    ids, mask = greedy_prompts(vocab, tokenizer)
+    return greedy_agreement(run, contract, ids, mask, torch_greedy(model, ids, mask, new_tokens))
+
+
 def speed_prompt(contract: IOContract, batch: int, vocab: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """The same prompt ``batch`` times (real text when there is a tokenizer)."""
     if tokenizer is not None:
@@ -248,10 +258,8 @@ def measure_decode_quality(scheme: str, path: Path, fp32_run: Runner, run: Runne
         new_tokens: greedy tokens compared with PyTorch, and generated per tokens/s round.
     """
     from hypermerge.export.optimize import int8_accuracy
-    from hypermerge.export.parity import greedy_prompts, torch_greedy
 
     top1 = int8_accuracy(run, wrapper, contract, vocab, tokenizer)
-    ids, mask = greedy_prompts(vocab, tokenizer)
-    greedy = greedy_agreement(run, contract, ids, mask, torch_greedy(model, ids, mask, new_tokens))
+    greedy = greedy_against_torch(run, model, contract, vocab, tokenizer, new_tokens)
     speed = decode_speed({"fp32": fp32_run, "quantized": run}, contract, vocab, tokenizer, new_tokens=new_tokens)
     return DecodeQuality(scheme, path.name, details, top1, greedy, speed, WEIGHT_ONLY_BOUNDS[scheme])

@@ -2,7 +2,8 @@
 written and kept only once the latency shows it is also faster.
 
 Encoders get onnxruntime's dynamic int8 (``model.int8.onnx``); causal LMs weight-only int4 / int8
-(MatMulNBits, ``model.int4.onnx`` / ``model.int8.onnx``) judged by next-token agreement.
+(MatMulNBits, ``model.int4.onnx`` / ``model.int8.onnx``) judged by next-token agreement. ``fp16``
+(any task) is the graph in float16 for the CUDA provider (``model.fp16.onnx``, see ``export.fp16``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+from hypermerge.export import fp16 as half
 from hypermerge.export import optimize as opt
 from hypermerge.export import quantize as wq
 from hypermerge.export.onnx_files import remove_onnx
 from hypermerge.export.plan import ExportRun
 from hypermerge.export.report import Int8Section
 from hypermerge.export.tasks import CAUSAL_LM
-from hypermerge.export.verification import Reference, drop_backend, onnx_runner
-from hypermerge.runtime.files import INT8_FILE, WEIGHT_ONLY_FILES
+from hypermerge.export.verification import Reference, drop_backend, onnx_label, onnx_runner
+from hypermerge.runtime.files import FP16_FILE, INT8_FILE, WEIGHT_ONLY_FILES
 from hypermerge.runtime.ort import open_session
 
 # the decision, once the latency is known: the latency section -> the report's ``quantized`` section
@@ -28,6 +30,10 @@ Decision = Callable[[dict | None], dict]
 def quantized(run: ExportRun, stage: Callable[[str], None]) -> Decision:
     """Write and measure the quantized model (a backend of the latency run); returns how to decide."""
     o = run.options
+    if o.quantize == "fp16":
+        stage("fp16")
+        quality, run.backends[half.BACKEND] = fp16_model(run, max(o.new_tokens, 32))
+        return functools.partial(half.decide_fp16, run.out, quality)
     if run.plan.task == CAUSAL_LM:
         stage(o.quantize)
         config = wq.WeightOnlyConfig(wq.BITS[o.quantize], o.block_size, o.accuracy_level)
@@ -41,6 +47,20 @@ def quantized(run: ExportRun, stage: Callable[[str], None]) -> Decision:
                                         run.reference.tokenizer, run.plan.task)
     run.backends["onnxruntime_int8"] = onnx_runner(int8, run.contract)
     return functools.partial(decide_int8, run.out, accuracy=accuracy, task=run.plan.task)
+
+
+def fp16_model(run: ExportRun, new_tokens: int):
+    """Write ``model.fp16.onnx`` from the served fp32 model and measure it (kept or not: decided later).
+
+    Returns:
+        Its quality (:class:`~hypermerge.export.fp16.Fp16Quality`) and its runner.
+    """
+    dst = run.out / FP16_FILE
+    details = half.convert_fp16(run.served, dst, external_data=run.report["external_data"])
+    session = open_session(dst, run.options.provider, run.options.threads)
+    runner = onnx_runner(session, run.contract)
+    return half.measure_fp16(dst, runner, onnx_label(session), details, run.reference, run.contract,
+                             new_tokens), runner
 
 
 def weight_only(src: Path, out_dir: Path, scheme: str, config, external_data: bool, provider: str, threads: int,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 # report.md's rendering has its own module; its names stay importable from here (their old home)
 from hypermerge.export.report_markdown import (  # noqa: F401
     certificate_lines,
+    fp16_lines,
     header_lines,
     int8_lines,
     latency_lines,
@@ -121,6 +122,33 @@ class WeightOnlySection(Section):
     decode_tokens_per_s: dict  # new_tokens, batch_<n>: {fp32, quantized}
     speedup_batch_1: float
     reason: str
+
+
+@dataclasses.dataclass
+class Fp16Section(Section):
+    """``--quantize fp16``'s ``quantized`` section (any task): the float16 graph's accuracy metric
+    against PyTorch fp32 and its bound, its per-output error at fp16's tolerance, for causal LMs the
+    greedy agreement length, and its time against fp32 on the export's provider (``timed``: the
+    forward, or for causal LMs one decode step); kept or not and why."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("greedy",)
+
+    kind: str = dataclasses.field(default="fp16", kw_only=True)  # what to_markdown tells it apart by
+    method: str
+    file: str
+    kept: bool
+    details: dict  # converter, op_block_list, initializers_fp16 / _fp32
+    backend: str  # onnxruntime:<provider> it was measured on
+    accuracy: dict  # opt.int8_accuracy's dict
+    bound: dict  # metric, min
+    parity: dict  # compare_outputs against PyTorch fp32 at fp16's tolerance (tolerance included)
+    timed: str  # forward or decode_step
+    p50_ms: float
+    fp32_p50_ms: float
+    ratio_to_fp32: float
+    ratio_to_torch: float
+    reason: str
+    greedy: dict | None = None  # causal LMs: quantize.greedy_agreement()
 
 
 @dataclasses.dataclass

@@ -64,6 +64,8 @@ def to_markdown(report: dict) -> str:
     quant = report.get("quantized")
     if quant and quant.get("kind") == "weight-only":
         lines += weight_only_lines(quant)
+    elif quant and quant.get("kind") == "fp16":
+        lines += fp16_lines(quant)
     elif quant:
         lines += int8_lines(quant)
     lines += tensorrt_lines(report.get("tensorrt"))
@@ -137,6 +139,21 @@ def int8_lines(quant: dict) -> list[str]:
             f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
             f"{quant['accuracy']['inputs']}; p50 {quant['p50_ms']:.2f} ms vs fp32 "
             f"{quant['fp32_p50_ms']:.2f} ms ({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
+
+
+def fp16_lines(quant: dict) -> list[str]:
+    """``--quantize fp16``: accuracy against its bound, error against PyTorch, time against fp32, kept or not."""
+    metric, bound, parity = quant["bound"]["metric"], quant["bound"]["min"], quant["parity"]
+    greedy = quant.get("greedy")
+    decode = (f" Greedy decode, tokens until the first divergence from PyTorch (of {greedy['new_tokens']}): "
+              f"{', '.join(map(str, greedy['lengths']))}.") if greedy else ""
+    step = "one decode step" if quant["timed"] == "decode_step" else "forward"
+    return ["", f"## fp16 ({quant['method']}): {'kept as ' + quant['file'] if quant['kept'] else 'not kept'}",
+            f"{metric} {quant['accuracy'][metric]:.4f} (bound ≥ {bound}) on {quant['accuracy']['samples']} "
+            f"{quant['accuracy']['inputs']}; max abs err vs PyTorch {parity['max_abs_err']:.2e} "
+            f"({'within' if parity['passed'] else 'outside'} fp16's tolerance).{decode} On {quant['backend']}, "
+            f"{step} p50 {quant['p50_ms']:.2f} ms vs fp32 {quant['fp32_p50_ms']:.2f} ms "
+            f"({quant['ratio_to_fp32']:.2f}×). {quant['reason']}"]
 
 
 def tensorrt_lines(trt: dict | None) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from hypermerge._version import __version__
 from hypermerge.errors import ExportError, ParityError
 from hypermerge.export import certificate as cert
+from hypermerge.export import fp16 as half
 from hypermerge.export import optimize as opt
 from hypermerge.export import quantize as wq
 from hypermerge.export.certificate import weights_sha256
@@ -28,7 +29,7 @@ from hypermerge.export.report import FORMAT, io_spec, utc_now
 from hypermerge.export.tasks import CAUSAL_LM, IOContract
 from hypermerge.export.verification import Reference, onnx_label, onnx_runner, verify_engine
 from hypermerge.export.weights_map import read_weights_map
-from hypermerge.runtime.files import ENGINE_FILE, INT8_FILE, MODEL_FILE, WEIGHT_ONLY_FILES
+from hypermerge.runtime.files import ENGINE_FILE, MODEL_FILE, QUANTIZED_FILES
 from hypermerge.runtime.model import Runner
 from hypermerge.runtime.ort import open_session, session_contract
 
@@ -86,12 +87,9 @@ def source_of(export_dir: Path, report: dict, source: str | Path | None) -> Path
 
 
 def quantized_file(export_dir: Path) -> tuple[str, str] | None:
-    """The quantized file an export kept and its label: model.int8.onnx (int8), or a causal LM's
-    weight-only model.int4.onnx (int4); None where it kept none."""
-    name = next((n for n in (INT8_FILE, WEIGHT_ONLY_FILES["int4"]) if (export_dir / n).exists()), None)
-    if name is None:
-        return None
-    return name, "int4" if name == WEIGHT_ONLY_FILES["int4"] else "int8"
+    """The quantized file an export kept and its label: model.int8.onnx (int8), a causal LM's
+    weight-only model.int4.onnx (int4), or model.fp16.onnx (fp16); None where it kept none."""
+    return next(((name, label) for label, name in QUANTIZED_FILES.items() if (export_dir / name).exists()), None)
 
 
 def stage_names(export_dir: Path) -> list[str]:
@@ -169,16 +167,18 @@ def latency(run: VerifyRun) -> dict:
 def update_quantized(run: VerifyRun, file: str, label: str, accuracy: dict) -> None:
     """Rewrite the quantized section's accuracy and speed (a result below its bound is collected)."""
     report = run.report
-    metric, bound = opt.INT8_BOUNDS[run.contract.task]
-    if run.contract.task == CAUSAL_LM:  # weight-only: its own bound
+    metric, bound = opt.INT8_BOUNDS[run.contract.task]  # fp16 keeps int8's bound
+    if run.contract.task == CAUSAL_LM and label in wq.WEIGHT_ONLY_BOUNDS:  # weight-only: its own bound
         metric, bound = "top1_agreement", wq.WEIGHT_ONLY_BOUNDS[label]
     quant = report.setdefault("quantized", {"method": "onnxruntime dynamic quantization", "file": file,
                                             "kept": True, "bound": {"metric": metric, "min": bound}})
-    p50 = report["latency"][f"onnxruntime_{label}"]["p50_ms"]
-    fp32 = report["latency"]["onnxruntime"]["p50_ms"]
+    if label == "fp16":  # timed as at export: a causal LM's decode step
+        _, p50, fp32, torch_p50 = half.timed(report["latency"], run.contract.task)
+    else:
+        p50, fp32 = report["latency"][f"onnxruntime_{label}"]["p50_ms"], report["latency"]["onnxruntime"]["p50_ms"]
+        torch_p50 = report["latency"]["torch"]["p50_ms"]
     quant.update(accuracy=accuracy, p50_ms=p50, fp32_p50_ms=fp32, ratio_to_fp32=p50 / fp32,
-                 ratio_to_torch=p50 / report["latency"]["torch"]["p50_ms"],
-                 reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
+                 ratio_to_torch=p50 / torch_p50, reason=f"Re-verified: {metric} {accuracy[metric]:.4f} (bound ≥ {bound}).")
     if accuracy[metric] < bound:
         run.failures.append(f"{label}: {metric} {accuracy[metric]:.4f} below the bound {bound}")
 

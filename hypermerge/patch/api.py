@@ -44,10 +44,10 @@ from hypermerge.patch.refit import refit_engine
 from hypermerge.runtime.files import (
     ENGINE_FILE,
     MODEL_FILE,
+    QUANTIZED_FILES,
     REPORT_JSON,
     REPORT_MD,
     STALE_FILES,
-    WEIGHT_ONLY_FILES,
 )
 from hypermerge.runtime.ort import open_session, session_contract
 
@@ -189,7 +189,7 @@ def patched_report(patch: Patch, section: PatchSection) -> dict:
                         not in ("", ".") else None, "adapters": patch.adapters}
     # read back typed: dropping a backend edits this report's copy, not the export's report
     latency = LatencySection.from_dict(report["latency"]) if report.get("latency") else None
-    for scheme, quantized_file in WEIGHT_ONLY_FILES.items():  # an encoder's dynamic int8 shares the int8 name
+    for scheme, quantized_file in QUANTIZED_FILES.items():  # an encoder's dynamic int8 shares the int8 name
         if quantized_file in patch.dropped:
             report.pop("quantized", None)
             if latency:

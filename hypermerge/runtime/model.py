@@ -186,7 +186,8 @@ class OnnxModel:
             provider: auto (TensorRT EP, then CUDA EP, then CPU: whichever onnxruntime offers), cpu,
                 cuda or tensorrt.
             threads: intra-op threads (None: one per core).
-            model_file: ``model.onnx``, or ``model.int8.onnx`` where the int8 model was kept.
+            model_file: ``model.onnx``, or ``model.int8.onnx`` / ``model.int4.onnx`` / ``model.fp16.onnx``
+                where the export kept one.
             session_config: onnxruntime session config entries, e.g.
                 ``{"session.intra_op.allow_spinning": "0"}`` (what ``hypermerge serve`` sets).
 

@@ -38,7 +38,8 @@ class ServeSettings:
         max_queue: most requests waiting for the model per worker before new ones get 429 (None:
             ``QUEUE_BATCHES`` × ``max_batch``, see :attr:`queue_limit`).
         request_timeout: seconds a request may wait for the model before it is answered 503 (None: no limit).
-        model_file: the model in the directory: model.onnx, or model.int8.onnx / model.int4.onnx.
+        model_file: the model in the directory: model.onnx, or model.int8.onnx / model.int4.onnx /
+            model.fp16.onnx.
 
     Raises:
         ConfigError: every invalid value, in one message.
