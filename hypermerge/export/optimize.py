@@ -23,6 +23,10 @@ from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, IOContract
 
 # the optimizer's fusion families: BERT-style encoders, GPT-2-style decoders
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "deberta-v2"}
+# decoders with RMSNorm (Llama's block): onnxruntime's "qwen3" fusion set is the one that turns their
+# Pow/ReduceMean/Sqrt/Reciprocal/Mul norms (and the residual Add before them) into
+# (Skip)SimplifiedLayerNormalization; its "gpt2" set looks for LayerNorm and finds none
+RMSNORM_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 # what int8 must keep to be kept (the issue's bounds): mean embedding cosine, or top-1 agreement
 INT8_BOUNDS = {FEATURE_EXTRACTION: ("cosine_mean", 0.99), "sequence-classification": ("top1_agreement", 0.99),
@@ -62,6 +66,14 @@ def silenced() -> None:
         root.setLevel(level)
 
 
+def fusion_family(config: dict) -> str:
+    """The optimizer's ``model_type`` whose fusions match this architecture's export."""
+    kind = config.get("model_type")
+    if kind in ENCODER_TYPES:
+        return "bert"
+    return "qwen3" if kind in RMSNORM_DECODER_TYPES else "gpt2"
+
+
 def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = False) -> dict:
     """Run onnxruntime's transformer optimizer (attention / LayerNorm / GELU fusions) on ``src``.
 
@@ -74,7 +86,7 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
     from onnxruntime.transformers.optimizer import optimize_model
 
     text = config.get("text_config") or config
-    model_type = "bert" if config.get("model_type") in ENCODER_TYPES else "gpt2"
+    model_type = fusion_family(config)
     heads = int(text.get("num_attention_heads") or text.get("n_head") or 0)
     hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
     try:
