@@ -74,8 +74,12 @@ def fusion_family(config: dict) -> str:
     return "qwen3" if kind in RMSNORM_DECODER_TYPES else "gpt2"
 
 
-def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = False) -> dict:
+def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = False, attention: bool = True) -> dict:
     """Run onnxruntime's transformer optimizer (attention / LayerNorm / GELU fusions) on ``src``.
+
+    On Llama-family decoders the attention is then rewritten into GroupQueryAttention
+    (:mod:`hypermerge.export.decoder_fusion`; ``attention=False`` skips it: its kernels are
+    onnxruntime-CPU's for float32).
 
     Returns:
         ``{"model_type", "fused_ops": {op: count}}`` (only the fusions that happened).
@@ -96,11 +100,27 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
             optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden,
                                        opt_level=0)
             fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+            if attention and model_type == "qwen3":
+                fused.update(fuse_decoder_attention(optimized.model, config))
             optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises anything from KeyError to onnx errors
         raise ExportError(f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: {exc})", path=src,
                           hint="export without --optimize") from exc
     return {"model_type": model_type, "fused_ops": fused}
+
+
+def fuse_decoder_attention(model, config: dict) -> dict[str, int]:
+    """GroupQueryAttention + RotaryEmbedding in place of each layer's attention, where the graph allows."""
+    from onnx import helper
+
+    from hypermerge.export.decoder_fusion import GQA_DOMAIN, fuse_attention
+
+    layers = fuse_attention(model, config)
+    if not layers:
+        return {}
+    if not any(o.domain == GQA_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(GQA_DOMAIN, 1))
+    return {"GroupQueryAttention": layers, "RotaryEmbedding": 2 * layers}
 
 
 # the module that projects an MLP's activations back to the hidden size (BERT's layer.N.output.dense,

@@ -1,5 +1,6 @@
 """``--optimize`` on Llama-family causal LMs: every RMSNorm becomes onnxruntime's
-(Skip)SimplifiedLayerNormalization, parity and greedy decode still match PyTorch, and
+(Skip)SimplifiedLayerNormalization and every attention GroupQueryAttention (rotary as
+RotaryEmbedding), parity and greedy decode with left padding still match PyTorch, and
 ``--quantize int4`` quantizes the fused graph."""
 
 from __future__ import annotations
@@ -57,13 +58,43 @@ def test_every_rmsnorm_is_fused_and_parity_holds(fused):
     assert "Pow" not in ops and "ReduceMean" not in ops
 
 
+def test_every_attention_is_one_group_query_attention(fused):
+    _, result = fused
+    section = json.loads((result.out / "report.json").read_text())["optimize"]
+    assert section["fused_ops"]["GroupQueryAttention"] == LAYERS
+    ops = _ops(result.out / "model.onnx")
+    assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    # what the kernels do in one launch each: rotate_half, softmax, the attention matmuls
+    assert "Neg" not in ops and "Softmax" not in ops and ops["MatMul"] == 7 * LAYERS + 1
+    model = hm.OnnxModel.load(result.out, provider="cpu")  # the contract the runtime reads is unchanged
+    assert tuple(model.contract.past_names[:2]) == ("past_key_0", "past_value_0")
+
+
+def test_an_unknown_graph_is_left_alone():
+    from onnx import TensorProto, helper
+
+    from hypermerge.export.decoder_fusion import fuse_attention
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32, "num_hidden_layers": 2}
+    assert fuse_attention(model, config) == 0 and [n.op_type for n in model.graph.node] == ["Relu"]
+
+
 def test_fused_greedy_decode_equals_pytorch_with_left_padding(fused):
     source, result = fused
     model = hm.OnnxModel.load(result.out, provider="cpu")
-    ids = np.random.default_rng(5).integers(0, 128, (4, 7))
+    for batch in (1, 4):
+        _greedy_matches(source, model, batch)
+
+
+def _greedy_matches(source, model, batch: int) -> None:
+    ids = np.random.default_rng(5).integers(0, 128, (batch, 7))
     mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
+    mask[1:2, :3] = 0
+    mask[2:3, :5] = 0
     expected = torch_greedy(load_torch_model(source, "causal-lm"), ids, mask, 16)
     np.testing.assert_array_equal(decode(model.run, model.contract, ids, mask, max_new_tokens=16), expected)
 
