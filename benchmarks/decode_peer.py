@@ -202,8 +202,8 @@ def main() -> None:
                  **optimized_models(ours_dir, source, args),
                  "peer fp32": lambda: Peer(build_peer(source, args.work, "fp32"), args.threads),
                  "peer int4": lambda: Peer(build_peer(source, args.work, "int4"), args.threads)}
-    # one precision at a time keeps fewer models in memory: on a machine short of page cache the
-    # sessions loaded first were measured up to 5x slower than in a run with half as many
+    # one precision at a time keeps fewer sessions alive: on the loaded 2-core machine, runs with all
+    # six measured the sessions loaded first up to 5x slower than runs with three (cause not established)
     models = {name: make() for name, make in factories.items() if args.precision in ("both", name.split()[1])}
     tokenizer = next(iter(models.values())).model.tokenizer
     torch_model = load_torch_model(source, "causal-lm")

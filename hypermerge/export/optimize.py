@@ -23,9 +23,11 @@ from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, IOContract
 
 # the optimizer's fusion families: BERT-style encoders, GPT-2-style decoders
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "deberta-v2"}
-# decoders with RMSNorm (Llama's block): onnxruntime's "qwen3" fusion set is the one that turns their
-# Pow/ReduceMean/Sqrt/Reciprocal/Mul norms (and the residual Add before them) into
-# (Skip)SimplifiedLayerNormalization; its "gpt2" set looks for LayerNorm and finds none
+# decoders with RMSNorm, RoPE and grouped KV heads (Llama's block): onnxruntime's "qwen3" set is its
+# named set for them (no embedding-LayerNorm fusion, no mask format assumed); on our exports it turns
+# the Pow/ReduceMean/Sqrt/Reciprocal/Mul norms (and the residual Add before them) into
+# (Skip)SimplifiedLayerNormalization, as its "gpt2" set also does; neither fuses the attention, which
+# decoder_fusion then rewrites
 RMSNORM_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 # what int8 must keep to be kept (the bounds): mean embedding cosine, or top-1 agreement
