@@ -3,14 +3,17 @@
 The dynamo export spells a Llama attention as ~45 nodes per layer (rotary embedding as
 Slice/Neg/Concat/Mul/Add, repeat-KV as Unsqueeze/Expand/Reshape, the scores, the mask, softmax
 and the KV Concat); decoding one token launches each of them on a 1-token tensor. onnxruntime's
-GroupQueryAttention does rotary, the cache append, grouped heads and softmax in one kernel, as
-onnxruntime-genai's builder wires it.
+GroupQueryAttention does the cache append, grouped heads, mask and softmax in one kernel, as in
+onnxruntime-genai's builder; rotary is one ``RotaryEmbedding`` node each for q and k.
 
 The export's contract is kept (``hm.OnnxModel`` and serve need no change): the same inputs
 (``attention_mask``, ``position_ids``, ``past_key_i`` / ``past_value_i`` in BNSH) and outputs
 (``present_key_i`` / ``present_value_i``, past + new). Left padding: every row is given the full
-length (``seqlens_k = total - 1``) and the export's own additive mask (causal + padding, computed
-once from ``attention_mask``) goes in as ``attention_bias``; rotary reads ``position_ids``.
+length (``seqlens_k = total - 1``, ``query_seqlens = seq``: the kernel then takes a batch of
+multi-token chunks on a non-empty cache too) and the export's own additive mask (causal + padding,
+computed once from ``attention_mask``) goes in as ``attention_bias``; rotary reads ``position_ids``.
+Only valid positions match the unfused graph: padded rows of the cache hold other values, as the
+export's parity check allows (it compares where ``attention_mask`` is 1).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ BAKED_ROPE_TYPES = {"default", "linear", "llama3"}
 
 
 class _Graph:
-    """Producer / consumer lookups over a graph's nodes (rebuilt after each edit that needs it)."""
+    """Producer / consumer lookups over a graph's nodes, built once before the rewrite."""
 
     def __init__(self, graph):
         self.graph = graph
