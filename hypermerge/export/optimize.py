@@ -23,6 +23,12 @@ from hypermerge.export.tasks import CAUSAL_LM, FEATURE_EXTRACTION, IOContract
 
 # the optimizer's fusion families: BERT-style encoders, GPT-2-style decoders
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "deberta-v2"}
+# decoders with RMSNorm, RoPE and grouped KV heads (Llama's block): onnxruntime's "qwen3" set is its
+# named set for them (no embedding-LayerNorm fusion, no mask format assumed); on our exports it turns
+# the Pow/ReduceMean/Sqrt/Reciprocal/Mul norms (and the residual Add before them) into
+# (Skip)SimplifiedLayerNormalization, as its "gpt2" set also does; neither fuses the attention, which
+# decoder_fusion then rewrites
+RMSNORM_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 # what int8 must keep to be kept (the issue's bounds): mean embedding cosine, or top-1 agreement
 INT8_BOUNDS = {FEATURE_EXTRACTION: ("cosine_mean", 0.99), "sequence-classification": ("top1_agreement", 0.99),
@@ -62,8 +68,20 @@ def silenced() -> None:
         root.setLevel(level)
 
 
-def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = False) -> dict:
+def fusion_family(config: dict) -> str:
+    """The optimizer's ``model_type`` whose fusions match this architecture's export."""
+    kind = config.get("model_type")
+    if kind in ENCODER_TYPES:
+        return "bert"
+    return "qwen3" if kind in RMSNORM_DECODER_TYPES else "gpt2"
+
+
+def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = False, attention: bool = True) -> dict:
     """Run onnxruntime's transformer optimizer (attention / LayerNorm / GELU fusions) on ``src``.
+
+    On Llama-family decoders the attention is then rewritten into GroupQueryAttention
+    (:mod:`hypermerge.export.decoder_fusion`; ``attention=False`` skips it: its kernels are
+    onnxruntime-CPU's for float32).
 
     Returns:
         ``{"model_type", "fused_ops": {op: count}}`` (only the fusions that happened).
@@ -74,7 +92,7 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
     from onnxruntime.transformers.optimizer import optimize_model
 
     text = config.get("text_config") or config
-    model_type = "bert" if config.get("model_type") in ENCODER_TYPES else "gpt2"
+    model_type = fusion_family(config)
     heads = int(text.get("num_attention_heads") or text.get("n_head") or 0)
     hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
     try:
@@ -84,11 +102,27 @@ def optimize_onnx(src: Path, dst: Path, config: dict, *, external_data: bool = F
             optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden,
                                        opt_level=0)
             fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+            if attention and model_type == "qwen3":
+                fused.update(fuse_decoder_attention(optimized.model, config))
             optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises anything from KeyError to onnx errors
         raise ExportError(f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: {exc})", path=src,
                           hint="export without --optimize") from exc
     return {"model_type": model_type, "fused_ops": fused}
+
+
+def fuse_decoder_attention(model, config: dict) -> dict[str, int]:
+    """GroupQueryAttention + RotaryEmbedding in place of each layer's attention, where the graph allows."""
+    from onnx import helper
+
+    from hypermerge.export.decoder_fusion import GQA_DOMAIN, fuse_attention
+
+    layers = fuse_attention(model, config)
+    if not layers:
+        return {}
+    if not any(o.domain == GQA_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(GQA_DOMAIN, 1))
+    return {"GroupQueryAttention": layers, "RotaryEmbedding": 2 * layers}
 
 
 # the module that projects an MLP's activations back to the hidden size (BERT's layer.N.output.dense,

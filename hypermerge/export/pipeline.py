@@ -100,8 +100,10 @@ def optimized(run: ExportRun) -> dict:
     """
     out, plain = run.out, run.backends["onnxruntime"]
     run.served = out / OPTIMIZED_FILE
+    # GroupQueryAttention in float32 is a CPU kernel: on CUDA it would pull each layer back to the CPU
+    on_cpu = run.session.get_providers()[0] == "CPUExecutionProvider"
     section = opt.optimize_onnx(out / MODEL_FILE, run.served, run.plan.config,
-                                external_data=run.report["external_data"])
+                                external_data=run.report["external_data"], attention=on_cpu)
     run.session = run.open(run.served)
     fused = onnx_runner(run.session, run.contract)
     if run.options.verify:
